@@ -1,0 +1,214 @@
+"""The one place bnfold talks to ONNX Runtime.
+
+``verify.py`` and ``bench.py`` create and run sessions only through these functions, so that session
+options (log level, optimization level, threads, providers), error wording and the handling of
+element types numpy cannot hand to ONNX Runtime directly (bfloat16, float8) live in one spot.
+
+``onnxruntime`` is imported inside the functions, never at module level: ``import bnfold`` and
+``bnfold --help`` must not pay for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import ml_dtypes
+import numpy as np
+
+from bnfold.errors import InvalidModelError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime
+
+__all__ = [
+    "OPTIMIZATION_LEVELS",
+    "OrtRunError",
+    "make_session",
+    "ort_type_to_numpy",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``level`` argument of :func:`make_session` -> name of the ``onnxruntime.GraphOptimizationLevel``.
+OPTIMIZATION_LEVELS: dict[str, str] = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+# ONNX Runtime's "tensor(...)" element type -> numpy dtype.
+_NUMPY_TYPES: dict[str, np.dtype] = {
+    "float": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "double": np.dtype(np.float64),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float8e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "float8e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "float8e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "int8": np.dtype(np.int8),
+    "int16": np.dtype(np.int16),
+    "int32": np.dtype(np.int32),
+    "int64": np.dtype(np.int64),
+    "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+    "bool": np.dtype(np.bool_),
+}
+
+# Element types ONNX Runtime's numpy bridge rejects; they travel as raw bits in an OrtValue.
+# numpy dtype -> (ONNX TensorProto element type, unsigned integer type of the same width).
+_RAW_TYPES: dict[np.dtype, tuple[int, type[np.unsignedinteger]]] = {
+    np.dtype(ml_dtypes.bfloat16): (16, np.uint16),
+    np.dtype(ml_dtypes.float8_e4m3fn): (17, np.uint8),
+    np.dtype(ml_dtypes.float8_e4m3fnuz): (18, np.uint8),
+    np.dtype(ml_dtypes.float8_e5m2): (19, np.uint8),
+    np.dtype(ml_dtypes.float8_e5m2fnuz): (20, np.uint8),
+}
+
+_RAW_TYPE_STRINGS = frozenset(
+    f"tensor({name})" for name, dtype in _NUMPY_TYPES.items() if dtype in _RAW_TYPES
+)
+
+_ORT_ERROR_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+
+
+class OrtRunError(RuntimeError):
+    """ONNX Runtime failed while running a session (not while loading it).
+
+    Not a :class:`~bnfold.errors.BnfoldError`: a model that loads but does not run is either a
+    problem of the model or a bug of ours, and callers decide which.
+    """
+
+
+def _first_line(exc: BaseException) -> str:
+    """ORT's message without the ``[ONNXRuntimeError] : 1 : FAIL :`` noise, first line only."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return _ORT_ERROR_PREFIX.sub("", line).strip() or type(exc).__name__
+
+
+def make_session(
+    model: str | os.PathLike[str] | bytes,
+    *,
+    level: str = "disable",
+    intra_op_threads: int | None = None,
+    providers: list[str] | None = None,
+) -> onnxruntime.InferenceSession:
+    """Create an ``onnxruntime.InferenceSession``.
+
+    Args:
+        model: a path (ONNX Runtime then resolves external data next to the file) or the bytes of a
+            serialized ``ModelProto``.
+        level: graph optimization level, one of ``"disable"``, ``"basic"``, ``"extended"``, ``"all"``.
+            Note that ORT fuses Conv+BatchNormalization itself from ``"basic"`` up.
+        intra_op_threads: threads per operator; ``None`` leaves ORT's default (all cores).
+        providers: execution providers; default ``["CPUExecutionProvider"]``.
+
+    Raises:
+        UsageError: unknown ``level``.
+        InvalidModelError: ONNX Runtime refuses the model; the message is one line starting with
+            ``"ONNX Runtime cannot load the model: "``.
+    """
+    import onnxruntime as ort
+
+    if level not in OPTIMIZATION_LEVELS:
+        raise UsageError(
+            f"unknown optimization level {level!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level]
+    )
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = int(intra_op_threads)
+    source: str | bytes = (
+        bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else os.fspath(model)
+    )
+    try:
+        session = ort.InferenceSession(
+            source, options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+    except Exception as exc:  # ORT raises its own pybind11 types (Fail, InvalidGraph, ...)
+        raise InvalidModelError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from exc
+    logger.debug(
+        "created ORT session (level=%s, threads=%s, providers=%s)",
+        level,
+        intra_op_threads,
+        session.get_providers(),
+    )
+    return session
+
+
+def ort_type_to_numpy(type_str: str) -> np.dtype:
+    """Map ONNX Runtime's type string (``"tensor(float)"``) to a numpy dtype (``float32``).
+
+    bfloat16 and the float8 types map to their ``ml_dtypes`` dtypes. Raises ``ValueError`` for
+    anything else (sequences, maps, optional, string, 4-bit types).
+    """
+    match = re.fullmatch(r"tensor\((\w+)\)", type_str.strip())
+    if match is None or match.group(1) not in _NUMPY_TYPES:
+        raise ValueError(f"unsupported ONNX Runtime type {type_str!r}")
+    return _NUMPY_TYPES[match.group(1)]
+
+
+def _to_ort_value(array: np.ndarray) -> Any:
+    import onnxruntime as ort
+
+    element_type, bits = _RAW_TYPES[array.dtype]
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+        np.ascontiguousarray(array).view(bits), onnx_element_type=element_type
+    )
+
+
+def _from_ort_value(value: Any) -> np.ndarray:
+    dtype = ort_type_to_numpy(value.data_type())
+    if dtype not in _RAW_TYPES:
+        return np.asarray(value.numpy())
+    shape = tuple(value.shape())
+    nbytes = value.tensor_size_in_bytes()
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    raw = (ctypes.c_char * nbytes).from_address(value.data_ptr())
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def run(
+    session: onnxruntime.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    output_names: Sequence[str] | None = None,
+) -> list[np.ndarray]:
+    """Run ``session`` and return its outputs as numpy arrays (all outputs by default).
+
+    bfloat16 and float8 tensors, which ORT's numpy bridge rejects, are passed as raw bits and
+    come back as ``ml_dtypes`` arrays. Raises :class:`OrtRunError` with a one-line message.
+    """
+    names = list(output_names) if output_names is not None else None
+    try:
+        raw_io = any(np.asarray(a).dtype in _RAW_TYPES for a in feeds.values()) or any(
+            o.type in _RAW_TYPE_STRINGS
+            for o in session.get_outputs()
+            if names is None or o.name in names
+        )
+        if not raw_io:
+            return [np.asarray(a) for a in session.run(names, dict(feeds))]
+        import onnxruntime as ort
+
+        values = {
+            name: _to_ort_value(a)
+            if a.dtype in _RAW_TYPES
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+            for name, a in ((n, np.asarray(v)) for n, v in feeds.items())
+        }
+        return [_from_ort_value(v) for v in session.run_with_ort_values(names, values)]
+    except Exception as exc:
+        raise OrtRunError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc

@@ -1,0 +1,270 @@
+"""The FoldReport value: one decision per BatchNormalization, totals, verification and timings.
+
+The report is plain data (dataclasses); :meth:`FoldReport.to_dict` is its JSON form (schema below,
+``schema_version`` bumps on any incompatible change) and :func:`render` draws it with rich for people.
+
+JSON schema, version 1::
+
+    {
+      "schema_version": 1, "bnfold_version": str,
+      "input": str | null, "output": str | null,
+      "written": bool,                     # false when verification failed: nothing at "output"
+      "passed": bool,                      # verification did not fail (passed or was skipped) and --strict held
+      "strict": bool,
+      "totals": {"batchnorms": int, "folded": int, "kept": int},
+      "batchnorms": [
+        {"name": str, "graph": str, "status": "folded" | "kept",
+         "direction": "backward" | null,   # how it was folded
+         "target": str | null, "target_op": str | null,   # the node it was folded into
+         "reason": str | null,             # a SkipReason value when kept
+         "detail": str}
+      ],
+      "verification": null | VerificationResult.to_dict(),
+      "timings": {"load": float, "fold": float, "save": float, "verify": float},   # seconds
+      "nodes_before": int, "nodes_after": int
+    }
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SkipReason",
+    "BNDecision",
+    "FoldReport",
+    "render",
+]
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class SkipReason(str, enum.Enum):
+    """Why a BatchNormalization was kept. The value is the stable string used in JSON."""
+
+    TRAINING_MODE = "training_mode"
+    STATS_OUTPUTS_USED = "stats_outputs_used"
+    NON_CONSTANT_PARAMS = "non_constant_params"
+    OVERRIDABLE_PARAMS = "overridable_params"
+    PER_ELEMENT_STATS = "per_element_stats"
+    INVALID_PARAMS = "invalid_params"
+    OVERFLOW = "overflow"
+    SHAPE_MISMATCH = "shape_mismatch"
+    NO_PRODUCER = "no_producer"
+    UNSUPPORTED_PRODUCER = "unsupported_producer"
+    PRODUCER_OUTPUT_SHARED = "producer_output_shared"
+    NON_CONSTANT_WEIGHT = "non_constant_weight"
+    OVERRIDABLE_WEIGHT = "overridable_weight"
+    UNSUPPORTED_LAYOUT = "unsupported_layout"
+    UNSUPPORTED_DTYPE = "unsupported_dtype"
+    IN_SUBGRAPH = "in_subgraph"
+
+    @property
+    def explanation(self) -> str:
+        return _EXPLANATIONS[self]
+
+
+_EXPLANATIONS = {
+    SkipReason.TRAINING_MODE: "the BN runs in training mode; it normalises with batch statistics",
+    SkipReason.STATS_OUTPUTS_USED: "the BN's running/saved statistics outputs are consumed",
+    SkipReason.NON_CONSTANT_PARAMS: "a BN parameter is not a constant",
+    SkipReason.OVERRIDABLE_PARAMS: "a BN parameter is an initializer that is also a graph input (IR ≥ 4), so a caller may override it",
+    SkipReason.PER_ELEMENT_STATS: "per-element statistics (spatial=0) that vary within a channel",
+    SkipReason.INVALID_PARAMS: "BN parameters are NaN/Inf, have the wrong shape, or var + epsilon ≤ 0",
+    SkipReason.OVERFLOW: "a folded value would overflow the weight's dtype",
+    SkipReason.SHAPE_MISMATCH: "BN channel count does not match the producer's output channels",
+    SkipReason.NO_PRODUCER: "the BN input is a graph input or constant, not the output of a node",
+    SkipReason.UNSUPPORTED_PRODUCER: "the node before the BN is not Conv/ConvTranspose/Gemm/MatMul",
+    SkipReason.PRODUCER_OUTPUT_SHARED: "the producer's output is also used elsewhere (another node or a graph output)",
+    SkipReason.NON_CONSTANT_WEIGHT: "the producer's weight or bias is not a constant",
+    SkipReason.OVERRIDABLE_WEIGHT: "the producer's weight or bias is an initializer that is also a graph input (IR ≥ 4)",
+    SkipReason.UNSUPPORTED_LAYOUT: "the BN channel axis is not the producer's output-feature axis",
+    SkipReason.UNSUPPORTED_DTYPE: "the weight's dtype is not float16/bfloat16/float32/float64",
+    SkipReason.IN_SUBGRAPH: "the BN is inside a control-flow subgraph or a function",
+}
+
+
+@dataclass(frozen=True)
+class BNDecision:
+    """What happened to one BatchNormalization node."""
+
+    name: str
+    folded: bool
+    detail: str
+    graph: str = "main"
+    direction: str | None = None  # "backward" when folded into its producer
+    target: str | None = None  # name of the node folded into
+    target_op: str | None = None
+    reason: SkipReason | None = None
+
+    @property
+    def status(self) -> str:
+        return "folded" if self.folded else "kept"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "graph": self.graph,
+            "status": self.status,
+            "direction": self.direction,
+            "target": self.target,
+            "target_op": self.target_op,
+            "reason": self.reason.value if self.reason else None,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class FoldReport:
+    """Everything ``bnfold fold`` did to one model. Truthy when it passed."""
+
+    decisions: list[BNDecision] = field(default_factory=list)
+    verification: Any = None  # bnfold.verify.VerificationResult | None
+    timings: dict[str, float] = field(default_factory=dict)
+    input: str | None = None
+    output: str | None = None
+    strict: bool = False
+    nodes_before: int = 0
+    nodes_after: int = 0
+    written: bool = False  # the output file was written (it is not when verification fails)
+
+    @property
+    def folded(self) -> list[BNDecision]:
+        return [d for d in self.decisions if d.folded]
+
+    @property
+    def kept(self) -> list[BNDecision]:
+        return [d for d in self.decisions if not d.folded]
+
+    @property
+    def verified(self) -> bool:
+        """True when verification ran and passed; False when it failed, was skipped or did not run."""
+        return self.verification is not None and bool(self.verification)
+
+    @property
+    def verification_failed(self) -> bool:
+        """Verification ran and found a difference. A skipped verification (ONNX Runtime cannot
+        run the original model, e.g. a custom-op domain) is not a failure; the report says so."""
+        v = self.verification
+        return v is not None and not bool(v) and not getattr(v, "skipped_reason", None)
+
+    @property
+    def passed(self) -> bool:
+        """Verification did not fail, and under ``strict`` no BN was kept."""
+        return not self.verification_failed and not (self.strict and self.kept)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "bnfold_version": __version__,
+            "input": self.input,
+            "output": self.output,
+            "written": self.written,
+            "passed": self.passed,
+            "strict": self.strict,
+            "totals": {
+                "batchnorms": len(self.decisions),
+                "folded": len(self.folded),
+                "kept": len(self.kept),
+            },
+            "batchnorms": [d.to_dict() for d in self.decisions],
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+        }
+
+
+def _fmt_err(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}"
+
+
+def render(report: FoldReport, console: Any, *, verbose: bool = False) -> None:
+    """Draw the report on a rich Console: BN table, verification table, timings, PASSED/FAILED."""
+    from rich.table import Table
+
+    title = f"bnfold: {report.input or 'model'}"
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("BatchNormalization", overflow="fold")
+    table.add_column("status")
+    table.add_column("into / reason", overflow="fold")
+    table.add_column("detail", overflow="fold")
+    rows = report.decisions if verbose or len(report.decisions) <= 40 else None
+    if rows is None:
+        # Large models: list every kept BN, and summarise the folded ones by target op.
+        rows = report.kept
+    for d in rows:
+        if d.folded:
+            table.add_row(d.name, "[green]folded[/]", f"{d.target_op} {d.target}", d.detail)
+        else:
+            table.add_row(d.name, "[yellow]kept[/]", d.reason.value if d.reason else "", d.detail)
+    if rows is not report.decisions and report.folded:
+        by_op: dict[str, int] = {}
+        for d in report.folded:
+            by_op[d.target_op or "?"] = by_op.get(d.target_op or "?", 0) + 1
+        summary = ", ".join(f"{n} into {op}" for op, n in sorted(by_op.items()))
+        table.add_row(f"({len(report.folded)} more)", "[green]folded[/]", summary, "use --verbose to list each")
+    if report.decisions:
+        console.print(table)
+    else:
+        console.print("No BatchNormalization nodes in the model.")
+    console.print(
+        f"BatchNormalization: {len(report.decisions)} found, {len(report.folded)} folded, "
+        f"{len(report.kept)} kept. Nodes: {report.nodes_before} → {report.nodes_after}."
+    )
+
+    v = report.verification
+    if v is not None:
+        if getattr(v, "skipped_reason", None):
+            console.print(f"[yellow]Verification skipped:[/] {v.skipped_reason}")
+        else:
+            vt = Table(title="Verification (ONNX Runtime, CPU, optimizations disabled)", title_justify="left")
+            for col in ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"):
+                vt.add_column(col)
+            for o in v.outputs:
+                vt.add_row(
+                    o.name,
+                    o.dtype,
+                    _fmt_err(o.max_abs_error),
+                    _fmt_err(o.max_rel_error),
+                    f"{o.atol:g}",
+                    f"{o.rtol:g}",
+                    "[green]pass[/]" if o.passed else "[red]FAIL[/]",
+                )
+            console.print(vt)
+            if getattr(v, "message", None):
+                console.print(f"[red]{v.message}[/]")
+    elif report.timings.get("verify") is None:
+        console.print("Verification: not run (--no-verify).")
+
+    if report.timings:
+        parts = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
+        console.print(f"Time: {parts}")
+    if report.output:
+        if report.written:
+            console.print(f"Wrote {report.output}")
+        else:
+            console.print(f"[red]Not written:[/] {report.output} (verification failed)")
+    if report.passed:
+        console.print("[bold green]PASSED[/]")
+    else:
+        why = []
+        if report.verification_failed:
+            why.append("verification failed")
+        if report.strict and report.kept:
+            why.append(f"--strict and {len(report.kept)} BatchNormalization kept")
+        console.print(f"[bold red]FAILED[/] ({'; '.join(why)})")

@@ -1,0 +1,195 @@
+"""The command line: exit codes, the JSON report, one-line errors, nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from bnfold import numerics
+from bnfold.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def cnn(tmp_path) -> Path:
+    path = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", path)
+    return path
+
+
+def test_fold_sample_passes_and_writes(cnn, tmp_path):
+    out = tmp_path / "out.onnx"
+    before = cnn.read_bytes()
+    result = invoke("fold", cnn, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output.splitlines()[-1]
+    assert "folded" in result.output
+    assert cnn.read_bytes() == before  # the input is never modified
+    folded = onnx.load(str(out))
+    onnx.checker.check_model(folded, full_check=True)
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_default_output_name(cnn):
+    result = invoke("fold", cnn)
+    assert result.exit_code == 0, result.output
+    assert (cnn.parent / "cnn2d.folded.onnx").exists()
+
+
+def test_json_report_schema(cnn, tmp_path):
+    result = invoke("fold", cnn, "-o", tmp_path / "o.onnx", "--json", "-", "-q")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["schema_version"] == 1
+    assert report["passed"] is True and report["written"] is True
+    assert report["totals"] == {"batchnorms": 2, "folded": 2, "kept": 0}
+    bn = report["batchnorms"][0]
+    assert set(bn) == {"name", "graph", "status", "direction", "target", "target_op", "reason", "detail"}
+    assert bn["status"] == "folded" and bn["target_op"] == "Conv" and bn["direction"] == "backward"
+    v = report["verification"]
+    assert v["passed"] is True
+    assert v["outputs"][0]["name"] == "logits"
+    assert v["outputs"][0]["max_abs_error"] < 1e-4
+    assert set(report["timings"]) >= {"load", "fold", "save", "verify"}
+
+
+def test_json_to_file(cnn, tmp_path):
+    dest = tmp_path / "report.json"
+    result = invoke("fold", cnn, "-o", tmp_path / "o.onnx", "--json", dest)
+    assert result.exit_code == 0
+    assert json.loads(dest.read_text())["totals"]["folded"] == 2
+
+
+def test_kept_bn_is_reported_with_reason_and_strict_fails(tmp_path):
+    out = tmp_path / "k.onnx"
+    result = invoke("fold", SAMPLES / "keras_style.onnx", "-o", out, "--json", "-", "-q")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert [b["reason"] for b in report["batchnorms"]] == ["unsupported_producer"] * 2
+    assert all("Relu" in b["detail"] for b in report["batchnorms"])
+
+    strict = invoke("fold", SAMPLES / "keras_style.onnx", "-o", out, "--strict")
+    assert strict.exit_code == 1
+    assert "FAILED" in strict.output.splitlines()[-1]
+    assert out.exists()  # the fold itself is valid; --strict only fails the gate
+
+
+def test_verification_failure_exits_1_and_writes_nothing(cnn, tmp_path, monkeypatch):
+    real = numerics.fold_conv
+    monkeypatch.setattr(numerics, "fold_conv", lambda w, s: real(w, s) * 1.01)  # a wrong fold
+    out = tmp_path / "bad.onnx"
+    result = invoke("fold", cnn, "-o", out)
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output.splitlines()[-1]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn2d.onnx"]
+
+
+def test_no_verify(cnn, tmp_path):
+    result = invoke("fold", cnn, "-o", tmp_path / "o.onnx", "--no-verify", "--json", "-", "-q")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["verification"] is None
+
+
+def test_input_shape_option(tmp_path):
+    result = invoke("fold", SAMPLES / "cnn1d.onnx", "-o", tmp_path / "o.onnx", "--input-shape", "input=4,3,28",
+                    "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verification"]["input_shapes"] == {"input": [4, 3, 28]}
+
+
+def test_external_data_option(cnn, tmp_path):
+    out = tmp_path / "ext.onnx"
+    result = invoke("fold", cnn, "-o", out, "--external-data")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ext.onnx.data").exists()
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+@pytest.mark.parametrize(
+    "setup, args, text",
+    [
+        (None, ["fold", "{tmp}/missing.onnx"], "no such file"),
+        (None, ["fold", "{tmp}"], "is a directory"),
+        ("empty", ["fold", "{tmp}/empty.onnx"], "empty file"),
+        ("text", ["fold", "{tmp}/text.onnx"], "not"),
+        ("copy", ["fold", "{tmp}/m.onnx", "-o", "{tmp}/m.onnx"], "is the input"),
+        ("copy", ["fold", "{tmp}/m.onnx", "-o", "{tmp}/nodir/o.onnx"], "does not exist"),
+        ("copy", ["fold", "{tmp}/m.onnx", "-o", "{tmp}"], "is a directory"),
+        ("copy", ["fold", "{tmp}/m.onnx", "--input-shape", "input"], "malformed input shape"),
+        ("copy", ["fold", "{tmp}/m.onnx", "--input-shape", "nope=1,2"], "nope"),
+        ("copy", ["fold", "{tmp}/m.onnx", "--input-shape", "input=1,3"], "input"),
+    ],
+    ids=["missing", "directory", "empty", "not-onnx", "output-is-input", "no-folder", "output-dir",
+         "bad-shape-syntax", "unknown-input", "wrong-rank"],
+)
+def test_bad_input_exit_2_one_line(tmp_path, setup, args, text):
+    if setup == "empty":
+        (tmp_path / "empty.onnx").write_bytes(b"")
+    elif setup == "text":
+        (tmp_path / "text.onnx").write_text("not a model")
+    elif setup == "copy":
+        shutil.copy(SAMPLES / "cnn1d.onnx", tmp_path / "m.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    result = invoke(*[a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bnfold: error:"), result.stderr
+    assert text in err[0]
+    assert "Traceback" not in result.output
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # nothing written, nothing changed
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no staging folder left
+
+
+def test_usage_error_exit_2():
+    assert invoke("fold").exit_code == 2
+    assert invoke("fold", "x.onnx", "--atol", "-1").exit_code == 2
+
+
+def test_help_on_every_command():
+    for args in (["--help"], ["fold", "--help"]):
+        result = invoke(*args)
+        assert result.exit_code == 0
+        assert "Usage" in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("bnfold ")
+
+
+def test_import_and_help_do_not_import_torch_or_onnxruntime():
+    code = (
+        "import sys, bnfold\n"
+        "from bnfold.cli import app\n"
+        "from typer.testing import CliRunner\n"
+        "assert CliRunner().invoke(app, ['fold', '--help']).exit_code == 0\n"
+        "heavy = [m for m in ('torch', 'onnxruntime') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_checkout_shim_runs_the_same_app(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "fold", str(SAMPLES / "mlp_bn.onnx"), "-o", str(tmp_path / "o.onnx"), "-q"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "PASSED"
