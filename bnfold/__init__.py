@@ -35,7 +35,7 @@ _LAZY = {
     "FoldReport": ("bnfold.report", "FoldReport"),
     "BNDecision": ("bnfold.report", "BNDecision"),
     "SkipReason": ("bnfold.report", "SkipReason"),
-    "BatchNormFoldPass": ("bnfold.fold", "BatchNormFoldPass"),
+    "BatchNormFoldPass": ("bnfold.passes", "BatchNormFoldPass"),
     "BnfoldError": ("bnfold.errors", "BnfoldError"),
     "verify_models": ("bnfold.verify", "verify_models"),
     "VerificationResult": ("bnfold.verify", "VerificationResult"),

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from . import io as _io
 from .errors import UsageError
-from .fold import BatchNormFoldPass
+from .passes import BatchNormFoldPass
 from .report import BNDecision, FoldReport
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ def fold(
             reference = str(ref_file)
 
         nodes_before = _count_nodes(ir_model)
+        # Decide before folding: folded weights are lazy tensors, no longer ExternalTensors.
+        use_external = _io.needs_external_data(ir_model) if external_data is None else external_data
         t1 = time.perf_counter()
         decisions = fold_model(ir_model)
         timings["fold"] = time.perf_counter() - t1
@@ -141,7 +143,8 @@ def fold(
             nodes_before=nodes_before,
             nodes_after=_count_nodes(ir_model),
         )
-        use_external = _io.needs_external_data(ir_model) if external_data is None else external_data
+        if external_data is None and not use_external:
+            use_external = _io.needs_external_data(ir_model)  # the fold may have grown the model
 
         staged = None
         if out_path is not None or verify:

@@ -38,6 +38,8 @@ __all__ = [
     "fold_conv",
     "fold_conv_transpose",
     "fold_gemm",
+    "fold_gemm_b",
+    "fold_gemm_c",
     "fold_matmul",
     "fold_bias",
     "round_to",
@@ -104,8 +106,9 @@ def bn_scale_shift(
         raise FoldRefused(
             "invalid_params", f"var + epsilon = {denom[bad]:.3g} ≤ 0 at channel {bad}"
         )
-    s = g / np.sqrt(denom)
-    t = b - m * s
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite s or t is refused below
+        s = g / np.sqrt(denom)
+        t = b - m * s
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
         raise FoldRefused("overflow", "BN scale/shift is not finite in float64")
     return s, t
@@ -117,10 +120,12 @@ def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     if dtype == np.float64:
         return values
     finite_max = float(ml_dtypes.finfo(dtype).max)
-    if values.size and float(np.max(np.abs(values))) > finite_max:
+    # max/min instead of max(abs(.)): no temporary the size of the tensor.
+    peak = max(abs(float(np.max(values))), abs(float(np.min(values)))) if values.size else 0.0
+    if peak > finite_max:
         raise FoldRefused(
             "overflow",
-            f"folded {what} reaches {float(np.max(np.abs(values))):.3g}, beyond the {dtype} maximum {finite_max:.3g}",
+            f"folded {what} reaches {peak:.3g}, beyond the {dtype} maximum {finite_max:.3g}",
         )
     if dtype == ml_dtypes.bfloat16:
         # float64 -> bfloat16 directly (round-to-nearest-even on the double value); going through
@@ -133,10 +138,12 @@ def _f64_to_bf16(values: np.ndarray) -> np.ndarray:
     # bfloat16 is the upper half of float32. Rounding float64 -> float32 first could round twice
     # (double rounding), so round the float64 mantissa to 8 bits directly, then truncate exactly.
     v = np.asarray(values, dtype=np.float64)
-    mant, exp = np.frexp(v)  # v = mant * 2**exp, 0.5 <= |mant| < 1
-    rounded = np.ldexp(np.round(np.ldexp(mant, 8)), exp - 8)  # np.round is half-to-even
-    # Subnormal bfloat16 values are rare in weights; float32 conversion is exact for `rounded`
-    # except for them, where one extra rounding can occur.
+    _, exp = np.frexp(v)  # v = mant * 2**exp, 0.5 <= |mant| < 1
+    # The bfloat16 quantum: 2**(exp - 8) for normal values (8 significant bits), and the fixed
+    # subnormal spacing 2**-133 below 2**-126.
+    quantum_exp = np.maximum(exp - 8, -133)
+    rounded = np.ldexp(np.round(np.ldexp(v, -quantum_exp)), quantum_exp)  # np.round is half-to-even
+    # `rounded` is a bfloat16 value, so both conversions below are exact.
     return rounded.astype(np.float32).astype(ml_dtypes.bfloat16)
 
 
@@ -155,11 +162,17 @@ def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> np.ndarr
     return _f64(bias) * s + t
 
 
+def _f64_copy(a: np.ndarray) -> np.ndarray:
+    """A float64 array that the caller may modify in place (never a view of ``a``)."""
+    return np.array(a, dtype=np.float64, copy=True)
+
+
 def fold_conv(weight: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Conv weight [Cout, Cin/g, k...] scaled along axis 0, float64."""
-    w = _f64(weight)
+    w = _f64_copy(weight)
     _check_channels(s, w.shape[0], "Conv")
-    return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    w *= s.reshape((-1,) + (1,) * (w.ndim - 1))  # in place: one float64 copy of the weight at most
+    return w
 
 
 def fold_conv_transpose(weight: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
@@ -172,7 +185,31 @@ def fold_conv_transpose(weight: np.ndarray, s: np.ndarray, group: int) -> np.nda
     spatial = w.shape[2:]
     w5 = w.reshape((group, w.shape[0] // group, cout_g) + spatial)
     s5 = s.reshape((group, 1, cout_g) + (1,) * len(spatial))
-    return (w5 * s5).reshape(w.shape)
+    return (w5 * s5).reshape(w.shape)  # w is a float64 view or copy; the product is the one result
+
+
+def fold_gemm_b(b_weight: np.ndarray, s: np.ndarray, *, trans_b: bool) -> np.ndarray:
+    """Gemm B scaled along N in float64: columns of B [K, N], or rows of B [N, K] when transB."""
+    bw = _f64_copy(b_weight)
+    if bw.ndim != 2:
+        raise FoldRefused("shape_mismatch", f"Gemm B has rank {bw.ndim}, expected 2")
+    _check_channels(s, bw.shape[0] if trans_b else bw.shape[1], "Gemm")
+    bw *= s[:, None] if trans_b else s[None, :]
+    return bw
+
+
+def fold_gemm_c(c: np.ndarray | None, s: np.ndarray, t: np.ndarray, *, beta: float) -> np.ndarray:
+    """Gemm C' = (β · C) · s + t in float64, to be used with β' = 1 (C = 0 when absent)."""
+    if c is None:
+        return t.copy()
+    c64 = _f64(c) * np.float64(beta)
+    try:
+        np.broadcast_shapes(c64.shape, s.shape)
+    except ValueError as exc:
+        raise FoldRefused(
+            "shape_mismatch", f"Gemm C of shape {list(c64.shape)} does not broadcast to N={s.shape[0]}"
+        ) from exc
+    return c64 * s + t
 
 
 def fold_gemm(
@@ -185,28 +222,14 @@ def fold_gemm(
     beta: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (B', C') for Gemm, in float64; C' is to be used with beta = 1."""
-    bw = _f64(b_weight)
-    if bw.ndim != 2:
-        raise FoldRefused("shape_mismatch", f"Gemm B has rank {bw.ndim}, expected 2")
-    n = bw.shape[0] if trans_b else bw.shape[1]
-    _check_channels(s, n, "Gemm")
-    b_new = bw * (s[:, None] if trans_b else s[None, :])
-    if c is None:
-        c_new = t.copy()
-    else:
-        c64 = _f64(c) * np.float64(beta)
-        try:
-            np.broadcast_shapes(c64.shape, (n,))
-        except ValueError as exc:
-            raise FoldRefused("shape_mismatch", f"Gemm C of shape {list(c64.shape)} does not broadcast to N={n}") from exc
-        c_new = c64 * s + t
-    return b_new, c_new
+    return fold_gemm_b(b_weight, s, trans_b=trans_b), fold_gemm_c(c, s, t, beta=beta)
 
 
 def fold_matmul(weight: np.ndarray, s: np.ndarray) -> np.ndarray:
     """MatMul weight [K, N] scaled along N (columns), float64."""
-    w = _f64(weight)
+    w = _f64_copy(weight)
     if w.ndim != 2:
         raise FoldRefused("unsupported_layout", f"MatMul weight has rank {w.ndim}, expected 2")
     _check_channels(s, w.shape[1], "MatMul")
-    return w * s[None, :]
+    w *= s[None, :]
+    return w

@@ -193,3 +193,30 @@ def test_checkout_shim_runs_the_same_app(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "PASSED"
+
+
+def test_ctrl_c_leaves_nothing_behind(cnn, tmp_path, monkeypatch):
+    import bnfold.verify
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bnfold.verify, "verify_models", interrupted)
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"previous output")
+    result = invoke("fold", cnn, "-o", out, "--external-data")
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr
+    assert out.read_bytes() == b"previous output"  # the previous file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn2d.onnx", "o.onnx"]
+
+
+def test_public_fold_is_the_function_even_after_the_pass_module_is_imported():
+    code = (
+        "import bnfold\n"
+        "from bnfold.passes import BatchNormFoldPass\n"
+        "import bnfold.api\n"
+        "assert callable(bnfold.fold) and bnfold.fold is bnfold.api.fold\n"
+        "assert bnfold.BatchNormFoldPass is BatchNormFoldPass\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -74,6 +74,30 @@ class _Const:
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
     load64: Callable[[], np.ndarray]
+    release: Callable[[], None] = lambda: None
+
+
+def _releaser(tensor: ir.TensorProtocol) -> Callable[[], None]:
+    """Unmap an external tensor once its data has been read, so RSS does not grow with the model."""
+
+    def release() -> None:
+        if isinstance(tensor, ir.ExternalTensor):
+            try:
+                tensor.release()
+            except BufferError:  # a numpy view still refers to the map; it goes with the view
+                pass
+
+    return release
+
+
+def _load64_then_release(c: _Const) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        try:
+            return c.load64()
+        finally:
+            c.release()
+
+    return load
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -134,11 +158,14 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
 
         main_nodes = list(model.graph)
         main_set = set(main_nodes)
+        owners = _subgraph_owners(model.graph)
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if not _is_bn(node) or node in main_set:
                 continue
+            owner = owners.get(id(node.graph))
             self.decisions.append(self._kept_decision(node, SkipReason.IN_SUBGRAPH, "inside a subgraph of "
-                                                      f"{_node_label(_owner_node(node))}", graph="subgraph"))
+                                                      f"{owner.op_type + ' ' if owner else ''}{_node_label(owner)}",
+                                                      graph="subgraph"))
         for fn in model.functions.values():
             for node in ir.traversal.RecursiveGraphIterator(fn):
                 if _is_bn(node):
@@ -201,6 +228,8 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             raise _Keep(SkipReason.INVALID_PARAMS, "BatchNormalization needs 5 inputs")
         if self._opset >= 14 and _attr(bn, "training_mode", 0):
             raise _Keep(SkipReason.TRAINING_MODE, "training_mode=1")
+        if self._opset < 7 and not _attr(bn, "is_test", 0):
+            raise _Keep(SkipReason.TRAINING_MODE, "is_test=0 (opset < 7), so it runs in training mode")
         extra = [o for o in bn.outputs[1:] if o is not None and o.name]
         used = [o for o in extra if o.uses() or o.is_graph_output()]
         if used:
@@ -211,15 +240,14 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         epsilon = float(_attr(bn, "epsilon", 1e-5))
         names = ("scale", "B", "mean", "var")
         params = []
-        for name, value in zip(names, bn.inputs[1:5]):
+        for name, value in zip(names, bn.inputs[1:5], strict=True):
             c = self._const(value, what=f"BN {name}", weight=False)
             if c.dtype not in _FLOAT_DTYPES:
                 raise _Keep(SkipReason.UNSUPPORTED_DTYPE, f"BN {name} has dtype {c.dtype}")
             params.append(c.load64())
         channels = params[0].shape[0] if params[0].ndim else 1
-        if self._opset < 9 and _attr(bn, "spatial", 1) == 0:
-            pass  # per-element parameters; numerics.per_channel accepts them only when exact
-        vecs = [numerics.per_channel(p, channels, n) for p, n in zip(params, names)]
+        # spatial=0 (opset < 9) has per-element parameters; per_channel accepts them only when exact.
+        vecs = [numerics.per_channel(p, channels, n) for p, n in zip(params, names, strict=True)]
         return numerics.bn_scale_shift(*vecs, epsilon)
 
     # ------------------------------------------------------------------ constants
@@ -244,7 +272,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                 if isinstance(tensor, FoldedTensor):
                     return _Const(tensor.dtype, tuple(tensor.shape.numpy()), tensor.numpy, tensor.compute64)
                 return _Const(tensor.dtype, tuple(tensor.shape.numpy()), tensor.numpy,
-                              lambda t=tensor: np.asarray(t.numpy(), dtype=np.float64))
+                              lambda t=tensor: np.asarray(t.numpy(), dtype=np.float64), _releaser(tensor))
             producer = value.producer()
             if producer is None or producer.domain not in ("", "ai.onnx"):
                 raise _Keep(non_const, f"{what} {value.name} is not a constant")
@@ -252,10 +280,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                 value = producer.inputs[0]
                 continue
             if producer.op_type == "Constant":
-                try:
-                    tensor = ir.convenience.get_const_tensor(value)
-                except ValueError as exc:
-                    raise _Keep(non_const, f"{what}: {exc}") from None
+                tensor = _constant_tensor(producer)
                 if tensor is None:
                     raise _Keep(non_const, f"{what} {value.name} is a Constant this tool cannot read")
                 return _Const(tensor.dtype, tuple(tensor.shape.numpy()), tensor.numpy,
@@ -305,15 +330,16 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         # Exact overflow check before committing: max|W'[o]| = max|W[o]| · |s[o]|.
         if np_dtype != np.float64:
             absmax = self._conv_t_absmax(w, group) if is_t else _scan_channel_absmax(w.load, 0, cout)
+            w.release()
             self._check_range(absmax * np.abs(s), np_dtype, f"{node.op_type} weight")
         bias64 = numerics.fold_bias(b.load64() if b is not None else None, s, t)
         bias_dtype = b.dtype if b is not None else w.dtype
         bias_arr = numerics.round_to(bias64, _FLOAT_DTYPES[bias_dtype], f"{node.op_type} bias")
         if is_t:
-            compute = lambda wl=w.load64, s=s, g=group: numerics.fold_conv_transpose(wl(), s, g)  # noqa: E731
+            folded = self._folded(w, lambda a: numerics.fold_conv_transpose(a, s, group), node.inputs[1])
         else:
-            compute = lambda wl=w.load64, s=s: numerics.fold_conv(wl(), s)  # noqa: E731
-        self._set_input(node, 1, FoldedTensor(compute, w.dtype, w.shape, self._fresh(node.inputs[1].name or "W")))
+            folded = self._folded(w, lambda a: numerics.fold_conv(a, s), node.inputs[1])
+        self._set_input(node, 1, folded)
         self._set_input(node, 2, self._eager(bias_arr, bias_dtype, bias64, (bias_v.name if bias_v is not None else None) or f"{node.name or 'conv'}_bias"))
         created = "bias created" if b is None else "bias updated"
         return node, f"weight scaled along {axis_desc}; {created}", node.outputs[0]
@@ -344,16 +370,12 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         np_dtype = _FLOAT_DTYPES[bw.dtype]
         if np_dtype != np.float64:
             absmax = _scan_channel_absmax(bw.load, 0 if trans_b else 1, n)
+            bw.release()
             self._check_range(absmax * np.abs(s), np_dtype, "Gemm B")
-        _, c64 = numerics.fold_gemm(np.zeros((1, n) if not trans_b else (n, 1)), c.load64() if c else None, s, t,
-                                    trans_b=trans_b, beta=beta)
+        c64 = numerics.fold_gemm_c(c.load64() if c else None, s, t, beta=beta)
         c_dtype = c.dtype if c is not None else bw.dtype
         c_arr = numerics.round_to(c64, _FLOAT_DTYPES[c_dtype], "Gemm C")
-
-        def compute(bl=bw.load64, s=s, tb=trans_b):
-            return bl() * (s[:, None] if tb else s[None, :])
-
-        self._set_input(node, 1, FoldedTensor(compute, bw.dtype, bw.shape, self._fresh(node.inputs[1].name or "B")))
+        self._set_input(node, 1, self._folded(bw, lambda a: numerics.fold_gemm_b(a, s, trans_b=trans_b), node.inputs[1]))
         self._set_input(node, 2, self._eager(c_arr, c_dtype, c64, (c_v.name if c_v is not None else None) or f"{node.name or 'gemm'}_C"))
         how = f"B scaled along N ({'rows, transB=1' if trans_b else 'columns, transB=0'}); "
         how += ("C created" if c is None else "C updated") + (f", beta {beta:g} → 1" if beta != 1.0 and c is not None else "")
@@ -384,17 +406,18 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             raise FoldRefused("shape_mismatch", f"BN has {s.shape[0]} channels, MatMul produces N={w.shape[1]}")
         np_dtype = _FLOAT_DTYPES[w.dtype]
         if np_dtype != np.float64:
-            self._check_range(_scan_channel_absmax(w.load, 1, w.shape[1]) * np.abs(s), np_dtype, "MatMul weight")
+            absmax = _scan_channel_absmax(w.load, 1, w.shape[1])
+            w.release()
+            self._check_range(absmax * np.abs(s), np_dtype, "MatMul weight")
         return w
 
     def _fold_matmul(self, mm: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[ir.Node, str, ir.Value]:
         w = self._matmul_weight(mm, s)
         t_arr = numerics.round_to(t, _FLOAT_DTYPES[w.dtype], "MatMul bias")
-        self._set_input(mm, 1, FoldedTensor(lambda wl=w.load64, s=s: numerics.fold_matmul(wl(), s), w.dtype, w.shape,
-                                            self._fresh(mm.inputs[1].name or "W")))
+        self._set_input(mm, 1, self._folded(w, lambda a: numerics.fold_matmul(a, s), mm.inputs[1]))
         if not np.any(t_arr):
             return mm, "weight columns scaled; shift is zero, no bias added", mm.outputs[0]
-        bias = self._eager(t_arr, w.dtype, t, f"{mm.name or 'matmul'}_bias")
+        bias = self._new_initializer(self._eager(t_arr, w.dtype, t, f"{mm.name or 'matmul'}_bias"))
         out = mm.outputs[0]
         add_out = ir.Value(name=self._fresh(f"{out.name or 'matmul'}_biased"), type=out.type, shape=out.shape)
         add = ir.Node("", "Add", inputs=[out, bias], outputs=[add_out], name=self._fresh(f"{mm.name or 'matmul'}_bias_add"))
@@ -424,8 +447,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"Add bias has shape {list(bias.shape)}, expected [{n}] or [1, {n}]")
         b64 = numerics.fold_bias(bias.load64(), s, t)
         b_arr = numerics.round_to(b64, _FLOAT_DTYPES[bias.dtype], "Add bias")
-        self._set_input(mm, 1, FoldedTensor(lambda wl=w.load64, s=s: numerics.fold_matmul(wl(), s), w.dtype, w.shape,
-                                            self._fresh(mm.inputs[1].name or "W")))
+        self._set_input(mm, 1, self._folded(w, lambda a: numerics.fold_matmul(a, s), mm.inputs[1]))
         self._set_input(add, 1 - mm_idx, self._eager(b_arr, bias.dtype, b64, bias_v.name or "bias"))
         return mm, "weight columns scaled; following Add bias updated", add.outputs[0]
 
@@ -435,16 +457,25 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         if values.size and float(np.max(values)) > limit:
             raise FoldRefused("overflow", f"folded {what} would reach {float(np.max(values)):.3g}, beyond the {dtype} maximum {limit:.3g}")
 
+    def _folded(self, c: _Const, formula: Callable[[np.ndarray], np.ndarray], old: ir.Value) -> FoldedTensor:
+        """A lazy folded weight: ``formula`` applied to the float64 original when it is written."""
+        load = _load64_then_release(c)
+        return FoldedTensor(lambda: formula(load()), c.dtype, c.shape, self._fresh(old.name or "W"))
+
     def _eager(self, arr: np.ndarray, dtype: ir.DataType, arr64: np.ndarray, base: str) -> FoldedTensor:
         return FoldedTensor(lambda a=arr64: a, dtype, tuple(arr.shape), self._fresh(base))
 
+    def _new_initializer(self, tensor: ir.TensorProtocol) -> ir.Value:
+        """Register ``tensor`` as a new initializer of the main graph (and input, in IR < 4)."""
+        value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self._graph.register_initializer(value)
+        if self._ir_version < 4:
+            self._graph.inputs.append(value)
+        return value
+
     def _set_input(self, node: ir.Node, index: int, tensor: ir.TensorProtocol) -> None:
         """Give ``node`` a new private initializer at ``index``; the old input is freed if unused."""
-        value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-        graph = self._graph
-        graph.register_initializer(value)
-        if self._ir_version < 4:
-            graph.inputs.append(value)
+        value = self._new_initializer(tensor)
         old = node.inputs[index] if index < len(node.inputs) else None
         if index < len(node.inputs):
             node.replace_input_with(index, value)
@@ -519,6 +550,23 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         return names
 
 
+def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor of a ``Constant`` node, read without modifying the node (unlike
+    ``ir.convenience.get_const_tensor``, which renames the tensor: it may belong to the caller)."""
+    if len(node.attributes) != 1:
+        return None
+    attr = next(iter(node.attributes.values()))
+    if attr.is_ref():
+        return None
+    if attr.name == "value":
+        return attr.as_tensor()
+    if attr.name in ("value_float", "value_floats"):
+        return ir.Tensor(np.array(attr.value, dtype=np.float32))
+    if attr.name in ("value_int", "value_ints"):
+        return ir.Tensor(np.array(attr.value, dtype=np.int64))
+    return None
+
+
 def _is_bn(node: ir.Node) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
 
@@ -532,9 +580,18 @@ def _node_label(node: ir.Node | None) -> str:
     return f"<{node.op_type} → {out}>"
 
 
-def _owner_node(node: ir.Node) -> ir.Node | None:
-    g = node.graph
-    return getattr(g, "parent", None) if g is not None else None
+def _subgraph_owners(graph: ir.Graph) -> dict[int, ir.Node]:
+    """id(subgraph) -> the node whose attribute holds it, for every subgraph under ``graph``."""
+    owners: dict[int, ir.Node] = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if attr.is_ref():
+                continue
+            if attr.type == ir.AttributeType.GRAPH:
+                owners[id(attr.value)] = node
+            elif attr.type == ir.AttributeType.GRAPHS:
+                owners.update((id(g), node) for g in attr.value)
+    return owners
 
 
 def _rank(value: ir.Value | None) -> int | None:
