@@ -7,7 +7,12 @@ onnxruntime)::
     result = bnfold.fold("model.onnx", "folded.onnx")   # FoldResult; truthy when it passed
     for d in result.decisions: print(d.name, d.status, d.reason, d.detail)
 
+    bnfold.verify("a.onnx", "b.onnx")                     # VerificationResult; truthy when equal
+    bnfold.bench(["a.onnx", "b.onnx"])                    # BenchResult: latencies and ratios
     bnfold.BatchNormFoldPass()                            # the onnx_ir pass, for your own pipeline
+
+Module names differ from these function names on purpose (compare, latency, divergence, passes),
+so importing a submodule never shadows a public function.
 """
 
 from __future__ import annotations
@@ -24,8 +29,13 @@ __all__ = [
     "SkipReason",
     "BatchNormFoldPass",
     "BnfoldError",
+    "verify",
     "verify_models",
     "VerificationResult",
+    "bench",
+    "BenchResult",
+    "localize",
+    "LocalizeResult",
 ]
 
 _LAZY = {
@@ -37,8 +47,13 @@ _LAZY = {
     "SkipReason": ("bnfold.report", "SkipReason"),
     "BatchNormFoldPass": ("bnfold.passes", "BatchNormFoldPass"),
     "BnfoldError": ("bnfold.errors", "BnfoldError"),
-    "verify_models": ("bnfold.verify", "verify_models"),
-    "VerificationResult": ("bnfold.verify", "VerificationResult"),
+    "verify": ("bnfold.compare", "verify_models"),
+    "verify_models": ("bnfold.compare", "verify_models"),
+    "VerificationResult": ("bnfold.compare", "VerificationResult"),
+    "bench": ("bnfold.latency", "bench"),
+    "BenchResult": ("bnfold.latency", "BenchResult"),
+    "localize": ("bnfold.divergence", "localize"),
+    "LocalizeResult": ("bnfold.divergence", "LocalizeResult"),
 }
 
 

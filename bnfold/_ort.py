@@ -14,7 +14,7 @@ import ctypes
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
@@ -28,8 +28,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "OPTIMIZATION_LEVELS",
     "OrtRunError",
+    "PROVIDER_ALIASES",
+    "make_runner",
     "make_session",
     "ort_type_to_numpy",
+    "resolve_providers",
     "run",
 ]
 
@@ -212,3 +215,103 @@ def run(
         return [_from_ort_value(v) for v in session.run_with_ort_values(names, values)]
     except Exception as exc:
         raise OrtRunError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+
+
+# --- execution providers and tight run loops (used by bench.py) ------------------------------------
+
+#: Short provider names accepted by :func:`resolve_providers` -> ONNX Runtime provider name.
+PROVIDER_ALIASES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+}
+
+
+def resolve_providers(name: str) -> list[str]:
+    """The ``providers`` list for :func:`make_session` that runs on ``name``, with fallbacks.
+
+    ``name`` is a short name (``"cpu"``, ``"cuda"``, ``"tensorrt"``, ... see ``PROVIDER_ALIASES``) or
+    an ONNX Runtime provider name (``"CUDAExecutionProvider"``), case-insensitive. The list puts the
+    requested provider first, then CUDA (for TensorRT, when available), then CPU, so nodes the
+    accelerator cannot run still run. Raises :class:`UsageError` naming what is available when the
+    provider is unknown or not in this onnxruntime build.
+    """
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers())
+    known = {p.lower(): p for p in [*ort.get_all_providers(), *PROVIDER_ALIASES.values()]}
+    key = str(name).strip().lower()
+    wanted = PROVIDER_ALIASES.get(key) or known.get(key) or known.get(key + "executionprovider")
+    offered = ", ".join(available) or "none"
+    if wanted is None:
+        raise UsageError(
+            f"unknown execution provider {name!r}; this onnxruntime offers: {offered} "
+            f"(short names: {', '.join(sorted(PROVIDER_ALIASES))})"
+        )
+    if wanted not in available:
+        hint = (
+            "; install onnxruntime-gpu (instead of onnxruntime) for CUDA/TensorRT"
+            if wanted in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+            else ""
+        )
+        raise UsageError(
+            f"execution provider {name!r} ({wanted}) is not available in this onnxruntime "
+            f"{ort.__version__} build; available: {offered}{hint}"
+        )
+    chain = [wanted]
+    if wanted == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
+        chain.append("CUDAExecutionProvider")
+    if wanted != "CPUExecutionProvider":
+        chain.append("CPUExecutionProvider")
+    return chain
+
+
+def make_runner(
+    session: onnxruntime.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    output_names: Sequence[str] | None = None,
+) -> Callable[[], None]:
+    """A no-argument callable that runs ``session`` on ``feeds`` once and discards the outputs.
+
+    For timing loops: the checks :func:`run` makes on every call (which element types need raw
+    OrtValues) are made once here, so a call costs one ``session.run`` (or ``run_with_ort_values``
+    for bfloat16/float8 inputs or outputs, with the input OrtValues built once). Raises
+    :class:`OrtRunError` with a one-line message when the run fails.
+    """
+    names = list(output_names) if output_names is not None else None
+    arrays = {name: np.asarray(a) for name, a in feeds.items()}
+    raw_io = any(a.dtype in _RAW_TYPES for a in arrays.values()) or any(
+        o.type in _RAW_TYPE_STRINGS
+        for o in session.get_outputs()
+        if names is None or o.name in names
+    )
+    if raw_io:
+        import onnxruntime as ort
+
+        values = {
+            name: _to_ort_value(a)
+            if a.dtype in _RAW_TYPES
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+            for name, a in arrays.items()
+        }
+        call, argument = session.run_with_ort_values, values
+    else:
+        call, argument = session.run, arrays
+
+    def run_once() -> None:
+        try:
+            call(names, argument)
+        except Exception as exc:
+            raise OrtRunError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+
+    return run_once

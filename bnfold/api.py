@@ -42,7 +42,7 @@ class FoldResult:
         return self.report.decisions
 
     @property
-    def verification(self):  # noqa: ANN201 - bnfold.verify.VerificationResult | None
+    def verification(self):  # noqa: ANN201 - bnfold.compare.VerificationResult | None
         return self.report.verification
 
     @property
@@ -162,7 +162,7 @@ def fold(
 
         try:
             if verify:
-                from .verify import verify_models
+                from .compare import verify_models
 
                 t3 = time.perf_counter()
                 if progress:

@@ -45,6 +45,37 @@ RtolOpt = Annotated[
     float | None, typer.Option("--rtol", min=0.0, help="Relative tolerance (default: by output dtype).")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Number of seeded input batches to compare.")]
+DistOpt = Annotated[
+    str, typer.Option("--dist", help="Distribution of random float inputs: normal or uniform.")
+]
+RangeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--range",
+        metavar="LOW,HIGH",
+        help="Range of random inputs: uniform floats and integers are drawn from [LOW, HIGH); normal floats are clipped to it.",
+    ),
+]
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        metavar="FILE.npz|NAME=FILE.npy",
+        help="Your own input batch instead of random values (repeatable: one batch each). Inputs it leaves out are random.",
+    ),
+]
+MarkdownOpt = Annotated[
+    Path | None,
+    typer.Option("--markdown", metavar="FILE", help="Also write the result as Markdown (e.g. $GITHUB_STEP_SUMMARY)."),
+]
+LevelsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--level",
+        help="ORT graph-optimization level to time: disable, basic, extended, all. Repeatable (default: disable and all).",
+    ),
+]
 JsonOpt = Annotated[
     str | None,
     typer.Option("--json", metavar="PATH|-", help="Write the report as JSON to PATH, or to stdout with '-'."),
@@ -99,7 +130,11 @@ def _console(json_to_stdout: bool):
     from rich.console import Console
 
     # Human output goes to stderr when stdout carries JSON, so a pipeline can parse stdout.
-    return Console(stderr=json_to_stdout, highlight=False)
+    console = Console(stderr=json_to_stdout, highlight=False)
+    if not console.is_terminal:
+        # CI logs: plain text (rich drops colours and control codes), wide enough for the tables.
+        console = Console(stderr=json_to_stdout, highlight=False, width=max(console.width, 120))
+    return console
 
 
 def _write_json(payload: dict, dest: str) -> None:
@@ -144,6 +179,10 @@ def fold(
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 when any BatchNormalization is kept (the output is still written).")
     ] = False,
+    bench: Annotated[
+        bool,
+        typer.Option("--bench", help="Also time the original against the folded model under ONNX Runtime (see 'bnfold bench')."),
+    ] = False,
     external_data: Annotated[
         bool | None,
         typer.Option(
@@ -164,8 +203,8 @@ def fold(
     Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error.
     """
     from .api import fold as api_fold
+    from .compare import parse_input_shapes
     from .report import render
-    from .verify import parse_input_shapes
 
     shapes = parse_input_shapes(input_shape or [])
     out = output if output is not None else _default_output(model)
@@ -184,6 +223,14 @@ def fold(
             progress=progress,
         )
     report = result.report
+    if bench and report.written:
+        from .latency import bench as run_bench
+
+        with _progress(console, enabled=not quiet) as tick:
+            report.bench = run_bench(
+                [model, out], input_shapes=shapes or None, seed=seed, labels=["original", "folded"],
+                progress=(lambda d, n: tick("bench", d, n)) if tick else None,
+            )
     if json_out:
         _write_json(report.to_dict(), json_out)
     if quiet:
@@ -191,6 +238,181 @@ def fold(
     else:
         render(report, console, verbose=verbose)
     raise typer.Exit(report.exit_code)
+
+
+def _parse_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    from .errors import UsageError
+
+    try:
+        low, high = (float(p) for p in text.split(","))
+    except ValueError:
+        raise UsageError(f"malformed --range {text!r}: expected LOW,HIGH, e.g. -1,1") from None
+    return low, high
+
+
+def _parse_tolerances(specs: list[str] | None) -> dict[str, tuple[float, float]]:
+    from .errors import UsageError
+
+    out: dict[str, tuple[float, float]] = {}
+    for spec in specs or []:
+        name, sep, vals = spec.rpartition("=")
+        try:
+            atol, rtol = (float(v) for v in vals.split(","))
+        except ValueError:
+            atol = rtol = None
+        if not sep or not name or atol is None:
+            raise UsageError(f"malformed --tol {spec!r}: expected OUTPUT=ATOL,RTOL, e.g. logits=1e-4,1e-3")
+        out[name] = (atol, rtol)
+    return out
+
+
+def _write_markdown(text: str, dest: Path | None) -> None:
+    """Write Markdown to ``dest`` and append it to $GITHUB_STEP_SUMMARY when that is set."""
+    import os
+
+    from .errors import OutputError
+
+    targets: list[tuple[Path, str]] = [(dest, "w")] if dest is not None else []
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        targets.append((Path(summary), "a"))
+    for target, mode in targets:
+        try:
+            with open(target, mode, encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write Markdown ({exc.strerror or exc})") from None
+
+
+def _check_model_path(path: Path) -> None:
+    from .errors import InputNotFoundError
+
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputNotFoundError(f"{path}: is a directory, not an ONNX file")
+
+
+@app.command()
+@_guard
+def verify(
+    reference: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
+    candidate: Annotated[Path, typer.Argument(help="The model that should compute the same function.", show_default=False)],
+    input_shape: InputShapeOpt = None,
+    data: DataOpt = None,
+    samples: SamplesOpt = 1,
+    dist: DistOpt = "normal",
+    value_range: RangeOpt = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    tol: Annotated[
+        list[str] | None,
+        typer.Option("--tol", metavar="OUTPUT=ATOL,RTOL", help="Tolerances for one output (repeatable)."),
+    ] = None,
+    seed: SeedOpt = 0,
+    localize: Annotated[
+        bool,
+        typer.Option("--localize", help="When outputs differ, find the first intermediate tensor (shared by name) that diverges and name its node."),
+    ] = False,
+    json_out: JsonOpt = None,
+    markdown: MarkdownOpt = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")] = False,
+) -> None:
+    """Check that CANDIDATE computes what REFERENCE computes, under ONNX Runtime with optimizations disabled.
+
+    Exit codes: 0 every output within tolerance (or the check could not run, which is reported); 1 some output differs or the candidate cannot run; 2 bad input or usage.
+    """
+    from .compare import load_input_data, parse_input_shapes, verify_models
+    from .report import render_verification, verification_markdown
+
+    shapes = parse_input_shapes(input_shape or [])
+    batches = load_input_data(data) if data else None
+    for path in (reference, candidate):
+        _check_model_path(path)
+    console = _console(json_out == "-")
+    result = verify_models(
+        str(reference), str(candidate), input_shapes=shapes or None, seed=seed, atol=atol, rtol=rtol,
+        output_tolerances=_parse_tolerances(tol) or None, samples=samples, distribution=dist,
+        value_range=_parse_range(value_range), data=batches,
+    )
+    located = None
+    if localize and not result and not result.skipped_reason:
+        from .divergence import localize as run_localize
+
+        located = run_localize(str(reference), str(candidate), input_shapes=shapes or None, seed=seed,
+                               atol=atol, rtol=rtol)
+    passed = bool(result) or bool(result.skipped_reason)
+    if json_out:
+        payload = {"schema_version": 1, "reference": str(reference), "candidate": str(candidate),
+                   **result.to_dict(), "localize": located.to_dict() if located is not None else None}
+        _write_json(payload, json_out)
+    if markdown is not None or _summary_env():
+        _write_markdown(verification_markdown(result, str(reference), str(candidate), located), markdown)
+    if not quiet:
+        render_verification(result, console, title=f"{reference} vs {candidate}")
+        if located is not None:
+            console.print(("[red]" if located else "") + located.describe() + ("[/]" if located else ""), markup=bool(located))
+            if located.divergence is not None and located.divergence.candidate_chain:
+                chain = " → ".join(str(p) for p in located.divergence.candidate_chain)
+                console.print(f"  candidate nodes since the last matching tensor: {chain}", markup=False)
+    console.print("[bold green]PASSED[/]" if passed else "[bold red]FAILED[/]")
+    raise typer.Exit(EXIT_OK if passed else EXIT_FAILED)
+
+
+@app.command()
+@_guard
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="Models to time; the first is the baseline of every ratio.", show_default=False)],
+    level: LevelsOpt = None,
+    runs: Annotated[int | None, typer.Option("--runs", min=1, help="Timed runs per model per level (default 200).")] = None,
+    seconds: Annotated[float | None, typer.Option("--seconds", min=0.01, help="Time budget of the timed runs per level, all models together.")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per model per level first.")] = 10,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="ORT intra-op threads (0: ORT's default). 1 gives the most repeatable numbers.")] = 1,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="First dimension of inputs whose batch dimension is dynamic.")] = None,
+    input_shape: InputShapeOpt = None,
+    provider: Annotated[str, typer.Option("--provider", help="Execution provider: cpu, cuda, tensorrt or an ORT provider name.")] = "cpu",
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = None,
+    markdown: MarkdownOpt = None,
+    plot_file: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Draw the latency distributions (needs matplotlib: pip install 'bnfold[plot]').")] = None,
+) -> None:
+    """Time models under ONNX Runtime, interleaved (A B B A ...), and report each one's latency and its ratio to the first with a bootstrap confidence interval.
+
+    ONNX Runtime fuses Conv+BatchNormalization itself at optimization level 'basic' and above, so by default both 'disable' (where the fold's gain shows) and 'all' (what a deployment runs) are reported, plus session-creation time.
+    """
+    from .compare import parse_input_shapes
+    from .latency import bench as run_bench
+    from .latency import plot
+    from .report import render_bench
+
+    shapes = parse_input_shapes(input_shape or [])
+    for path in models:
+        _check_model_path(path)
+    console = _console(json_out == "-")
+    with _progress(console, enabled=True) as tick:
+        result = run_bench(
+            [str(m) for m in models], levels=tuple(level) if level else ("disable", "all"), runs=runs,
+            seconds=seconds, warmup=warmup, intra_op_threads=threads, batch_size=batch_size,
+            input_shapes=shapes or None, provider=provider, seed=seed,
+            progress=(lambda d, n: tick("bench", d, n)) if tick else None,
+        )
+    if plot_file is not None:
+        plot(result, plot_file)
+    if json_out:
+        _write_json({"schema_version": 1, **result.to_dict()}, json_out)
+    if markdown is not None or _summary_env():
+        _write_markdown(result.to_markdown(), markdown)
+    render_bench(result, console)
+    if plot_file is not None:
+        console.print(f"Plot written to {plot_file}")
+
+
+def _summary_env() -> bool:
+    import os
+
+    return bool(os.environ.get("GITHUB_STEP_SUMMARY"))
 
 
 class _progress:
@@ -223,7 +445,7 @@ class _progress:
     def update(self, phase: str, done: int, total: int) -> None:
         if self._bar is None:
             return
-        label = {"save": "writing tensors", "verify": "verifying"}.get(phase, phase)
+        label = {"save": "writing tensors", "verify": "verifying", "bench": "timing"}.get(phase, phase)
         if phase not in self._tasks:
             self._tasks[phase] = self._bar.add_task(label, total=total)
         self._bar.update(self._tasks[phase], completed=done, total=total)

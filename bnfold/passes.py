@@ -154,6 +154,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self._names = self._all_names(model)
         self._dead_candidates: list[ir.Value] = []
+        self._replaced: list[tuple[ir.Value, ir.Value]] = []  # (new initializer, value it replaced)
         modified = False
 
         main_nodes = list(model.graph)
@@ -189,6 +190,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             logger.debug("%s: %s %s", decision.name, decision.status, decision.detail)
         self.decisions.extend(subgraph_decisions)
         self._remove_dead()
+        self._restore_names()
         return ir.passes.PassResult(model, modified=modified)
 
     def _kept_decision(self, node: ir.Node, reason: SkipReason, detail: str, graph: str = "main") -> BNDecision:
@@ -485,6 +487,32 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             node.replace_input_with(index, value)
         if old is not None:
             self._dead_candidates.append(old)
+            self._replaced.append((value, old))
+
+    def _restore_names(self) -> None:
+        """A folded weight takes back the name of the tensor it replaced once that one is gone, so
+        tools that refer to weights by name (quantization overrides, diffs) still find them.
+        Chains (a weight folded twice) go back to the first original."""
+        replaced_by = {id(new): old for new, old in self._replaced}
+        taken: set[str] = set()
+        for new, _ in self._replaced:
+            if not new.is_initializer() or new.graph is not self._graph:
+                continue  # itself replaced by a later fold
+            root = replaced_by[id(new)]
+            while id(root) in replaced_by:
+                root = replaced_by[id(root)]
+            name, producer = root.name, root.producer()
+            gone = (not root.uses() and not root.is_initializer() and not root.is_graph_input()
+                    and not root.is_graph_output() and (producer is None or producer.graph is None))
+            if not name or not gone or name in taken or name in self._graph.initializers:
+                continue
+            taken.add(name)
+            self._graph.initializers.pop(new.name)
+            new.name = name
+            if new.const_value is not None:
+                new.const_value.name = name
+            self._graph.initializers[name] = new
+        self._replaced = []
 
     def _bypass(self, bn: ir.Node, producer_out: ir.Value) -> None:
         """Remove ``bn`` and make its consumers (and graph outputs) read ``producer_out``."""

@@ -20,6 +20,7 @@ JSON schema, version 1::
          "detail": str}
       ],
       "verification": null | VerificationResult.to_dict(),
+      "bench": null | BenchResult.to_dict(),   # with fold --bench
       "timings": {"load": float, "fold": float, "save": float, "verify": float},   # seconds
       "nodes_before": int, "nodes_after": int
     }
@@ -122,7 +123,7 @@ class FoldReport:
     """Everything ``bnfold fold`` did to one model. Truthy when it passed."""
 
     decisions: list[BNDecision] = field(default_factory=list)
-    verification: Any = None  # bnfold.verify.VerificationResult | None
+    verification: Any = None  # bnfold.compare.VerificationResult | None
     timings: dict[str, float] = field(default_factory=dict)
     input: str | None = None
     output: str | None = None
@@ -130,6 +131,7 @@ class FoldReport:
     nodes_before: int = 0
     nodes_after: int = 0
     written: bool = False  # the output file was written (it is not when verification fails)
+    bench: Any = None  # bnfold.latency.BenchResult | None (fold --bench: original vs folded)
 
     @property
     def folded(self) -> list[BNDecision]:
@@ -181,6 +183,7 @@ class FoldReport:
             },
             "batchnorms": [d.to_dict() for d in self.decisions],
             "verification": self.verification.to_dict() if self.verification is not None else None,
+            "bench": self.bench.to_dict() if self.bench is not None else None,
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
@@ -229,27 +232,11 @@ def render(report: FoldReport, console: Any, *, verbose: bool = False) -> None:
 
     v = report.verification
     if v is not None:
-        if getattr(v, "skipped_reason", None):
-            console.print(f"[yellow]Verification skipped:[/] {v.skipped_reason}")
-        else:
-            vt = Table(title="Verification (ONNX Runtime, CPU, optimizations disabled)", title_justify="left")
-            for col in ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"):
-                vt.add_column(col)
-            for o in v.outputs:
-                vt.add_row(
-                    o.name,
-                    o.dtype,
-                    _fmt_err(o.max_abs_error),
-                    _fmt_err(o.max_rel_error),
-                    f"{o.atol:g}",
-                    f"{o.rtol:g}",
-                    "[green]pass[/]" if o.passed else "[red]FAIL[/]",
-                )
-            console.print(vt)
-            if getattr(v, "message", None):
-                console.print(f"[red]{v.message}[/]")
-    elif report.timings.get("verify") is None:
+        render_verification(v, console)
+    else:
         console.print("Verification: not run (--no-verify).")
+    if report.bench is not None:
+        render_bench(report.bench, console)
 
     if report.timings:
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
@@ -268,3 +255,81 @@ def render(report: FoldReport, console: Any, *, verbose: bool = False) -> None:
         if report.strict and report.kept:
             why.append(f"--strict and {len(report.kept)} BatchNormalization kept")
         console.print(f"[bold red]FAILED[/] ({'; '.join(why)})")
+
+
+def render_verification(v: Any, console: Any, *, title: str | None = None) -> None:
+    """Per-output error table of a VerificationResult, or why it did not run."""
+    from rich.table import Table
+
+    if getattr(v, "skipped_reason", None):
+        console.print(f"[yellow]Verification skipped:[/] {v.skipped_reason}")
+        return
+    if v.outputs:
+        vt = Table(title=title or "Verification (ONNX Runtime, CPU, optimizations disabled)", title_justify="left")
+        for col in ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"):
+            vt.add_column(col, overflow="fold")
+        for o in v.outputs:
+            vt.add_row(
+                o.name,
+                o.dtype,
+                _fmt_err(o.max_abs_error),
+                _fmt_err(o.max_rel_error),
+                f"{o.atol:g}",
+                f"{o.rtol:g}",
+                "[green]pass[/]" if o.passed else f"[red]FAIL[/] {o.mismatched}/{o.elements}",
+            )
+        console.print(vt)
+        for o in v.outputs:
+            if o.nan_or_inf_mismatch:
+                console.print(f"[red]{o.name}: {o.nan_or_inf_mismatch} NaN/Inf mismatches[/]")
+            if getattr(o, "message", None):
+                console.print(f"[red]{o.name}: {o.message}[/]")
+            if not o.passed and o.nan_or_inf_mismatch == 0 and not getattr(o, "message", None):
+                console.print(f"{o.name}: worst element {list(o.worst_index or ())}; would pass with "
+                              f"atol ≥ {o.min_atol_to_pass:.3g} (at rtol {o.rtol:g}) or rtol ≥ "
+                              f"{o.min_rtol_to_pass:.3g} (at atol {o.atol:g})", markup=False)
+    if getattr(v, "message", None):
+        console.print(f"[red]{v.message}[/]")
+
+
+def render_bench(result: Any, console: Any) -> None:
+    """Latency table of a BenchResult, with ratios and their intervals."""
+    from rich.table import Table
+
+    t = Table(title=f"Latency, ms (ONNX Runtime {result.onnxruntime_version or ''}, {result.provider}, "
+              f"{result.threads or 'default'} thread(s))", title_justify="left")
+    for col in ("level", "model", "median", "p90", "p99", "session", "vs baseline [95% CI]", "verdict"):
+        t.add_column(col, overflow="fold")
+    ratios = {(r.model, r.level): r for r in result.ratios}
+    for e in result.entries:
+        s = e.stats
+        r = ratios.get((e.model, e.level))
+        if r is None:
+            vs, verdict = "baseline", ""
+        else:
+            color = "green" if r.significant and r.median_ratio < 1 else ("red" if r.significant else "")
+            vs = f"{r.median_ratio:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+            verdict = f"[{color}]{r.verdict}[/]" if color else r.verdict
+        t.add_row(e.level, e.model, f"{s.median_ms:.3g}", f"{s.p90_ms:.3g}", f"{s.p99_ms:.3g}",
+                  f"{s.session_create_ms:.3g}", vs, verdict)
+    console.print(t)
+    console.print(f"[dim]{result.note}[/]")
+
+
+def verification_markdown(v: Any, reference: str, candidate: str, located: Any = None) -> str:
+    """A Markdown summary of a verification (for CI job summaries)."""
+    lines = [f"### bnfold verify: {'PASSED' if bool(v) or v.skipped_reason else 'FAILED'}", "",
+             f"`{reference}` vs `{candidate}` (ONNX Runtime, optimizations disabled, seed {v.seed}, "
+             f"{v.samples} sample(s))", ""]
+    if v.skipped_reason:
+        lines.append(f"Verification skipped: {v.skipped_reason}")
+    if v.outputs:
+        lines += ["| output | dtype | max abs | max rel | atol | rtol | result |", "|---|---|--:|--:|--:|--:|---|"]
+        for o in v.outputs:
+            lines.append(f"| {o.name} | {o.dtype} | {_fmt_err(o.max_abs_error)} | {_fmt_err(o.max_rel_error)} | "
+                         f"{o.atol:g} | {o.rtol:g} | {'pass' if o.passed else 'FAIL'} |")
+    if v.message:
+        lines += ["", v.message]
+    if located is not None:
+        lines += ["", located.describe()]
+    return "\n".join(lines)

@@ -243,7 +243,12 @@ def assert_folds(
     new_inits = {i.name for i in folded.graph.initializer}
     changed = set()
     for old, new in zip(old_p, new_p, strict=True):
-        if old.input[1] == new.input[1]:
+        # A folded weight takes back its original name once the original is gone, so compare values.
+        old_inits = {i.name for i in model.graph.initializer}
+        same_name = old.input[1] == new.input[1]
+        if same_name and (old.input[1] in old_inits) == (new.input[1] in new_inits) and (
+            old.input[1] not in old_c or np.array_equal(old_c[old.input[1]], new_c.get(new.input[1]))
+        ):
             continue
         assert new.input[1] in new_inits, f"folded weight {new.input[1]} is not an initializer"
         if old.input[1] in old_c:

@@ -196,12 +196,12 @@ def test_checkout_shim_runs_the_same_app(tmp_path):
 
 
 def test_ctrl_c_leaves_nothing_behind(cnn, tmp_path, monkeypatch):
-    import bnfold.verify
+    import bnfold.compare
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bnfold.verify, "verify_models", interrupted)
+    monkeypatch.setattr(bnfold.compare, "verify_models", interrupted)
     out = tmp_path / "o.onnx"
     out.write_bytes(b"previous output")
     result = invoke("fold", cnn, "-o", out, "--external-data")
@@ -220,3 +220,104 @@ def test_public_fold_is_the_function_even_after_the_pass_module_is_imported():
         "assert bnfold.BatchNormFoldPass is BatchNormFoldPass\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    code = (
+        "import bnfold, bnfold.compare, bnfold.latency, bnfold.divergence, bnfold.passes, bnfold.api\n"
+        "assert bnfold.verify is bnfold.compare.verify_models\n"
+        "assert bnfold.bench is bnfold.latency.bench\n"
+        "assert bnfold.localize is bnfold.divergence.localize\n"
+        "assert bnfold.fold is bnfold.api.fold\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# ------------------------------------------------------------------ verify and bench
+@pytest.fixture
+def folded_and_broken(tmp_path):
+    """The cnn2d sample folded by bnfold, and a copy with one folded weight perturbed."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    folded = tmp_path / "folded.onnx"
+    assert invoke("fold", SAMPLES / "cnn2d.onnx", "-o", folded, "-q").exit_code == 0
+    proto = onnx.load(str(folded))
+    conv = next(n for n in proto.graph.node if n.name == "/3/Conv")
+    init = next(i for i in proto.graph.initializer if i.name == conv.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[0, 0, 0, 0] += np.float32(0.5)
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    return folded, broken
+
+
+def test_verify_passes_an_exact_fold(folded_and_broken):
+    folded, _ = folded_and_broken
+    result = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--samples", "3")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == "PASSED"
+
+
+def test_verify_catches_a_perturbed_weight_and_localizes_it(folded_and_broken, tmp_path):
+    _, broken = folded_and_broken
+    result = invoke("verify", SAMPLES / "cnn2d.onnx", broken, "--localize", "--json", tmp_path / "v.json")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == "FAILED"
+    assert "/3/Conv" in result.output
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["passed"] is False
+    assert report["outputs"][0]["mismatched"] > 0
+    assert report["localize"]["divergence"]["node"] == "/3/Conv"
+
+
+def test_verify_options_user_data_distribution_and_markdown(folded_and_broken, tmp_path, monkeypatch):
+    import numpy as np
+
+    folded, _ = folded_and_broken
+    np.savez(tmp_path / "batch.npz", input=np.ones((2, 3, 28, 28), np.float32))
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 28, 28), np.float32))
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--data", tmp_path / "batch.npz",
+                    "--data", f"input={tmp_path / 'x.npy'}", "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["samples"] == 2 and report["input_shapes"] == {"input": [2, 3, 28, 28]}
+    assert "bnfold verify: PASSED" in summary.read_text()
+    uniform = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--dist", "uniform", "--range", "0,1",
+                     "--tol", "logits=1e-6,1e-6", "-q")
+    assert uniform.exit_code in (0, 1)  # runs; the tight tolerance may or may not hold
+    bad = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--range", "1")
+    assert bad.exit_code == 2 and "malformed --range" in bad.stderr
+    bad = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--data", tmp_path / "missing.npz")
+    assert bad.exit_code == 2 and "no such file" in bad.stderr
+
+
+def test_bench_reports_both_levels_as_json_and_markdown(folded_and_broken, tmp_path):
+    folded, _ = folded_and_broken
+    md = tmp_path / "bench.md"
+    result = invoke("bench", SAMPLES / "cnn2d.onnx", folded, "--runs", "20", "--warmup", "2",
+                    "--json", "-", "--markdown", md)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {(e["model"], e["level"]) for e in report["entries"]} == {
+        ("cnn2d.onnx", "disable"), ("cnn2d.onnx", "all"), ("folded.onnx", "disable"), ("folded.onnx", "all")}
+    ratio = report["ratios"][0]
+    assert ratio["ci_low"] <= ratio["median_ratio"] <= ratio["ci_high"]
+    text = md.read_text()
+    assert "fuses Conv+BatchNormalization" in text and text.count("| disable |") == 2
+
+
+def test_bench_unknown_provider_is_exit_2():
+    result = invoke("bench", SAMPLES / "cnn1d.onnx", "--provider", "tensorrt", "--runs", "2")
+    assert result.exit_code == 2
+    assert "bnfold: error:" in result.stderr
+
+
+def test_fold_bench_adds_the_comparison(tmp_path):
+    result = invoke("fold", SAMPLES / "mlp_bn.onnx", "-o", tmp_path / "o.onnx", "--bench", "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)["bench"]
+    assert [r["model"] for r in bench["ratios"]] == ["folded", "folded"]

@@ -33,7 +33,7 @@ the elements that are finite in both outputs, aggregated over all samples:
 * ``min_atol_to_pass``: the smallest atol that would pass with the rtol in use, and
   ``min_rtol_to_pass``: the smallest rtol that would pass with the atol in use (``inf`` when none
   can, e.g. a difference where the reference is exactly 0 and exceeds atol, or any NaN/Inf
-  mismatch). Both are exact: comparing again with them passes.
+  mismatch). Comparing again with them passes; they are minimal up to float rounding.
 
 Default tolerances and why
 --------------------------
@@ -92,6 +92,8 @@ __all__ = [
     "make_inputs",
     "parse_input_shapes",
     "verify_models",
+    "load_input_data",
+    "DISTRIBUTIONS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -204,16 +206,22 @@ def _resolve_shape(
     return tuple(given)
 
 
+DISTRIBUTIONS = ("normal", "uniform")
+
+
 def make_inputs(
     session_inputs: Iterable[Any],
     *,
     input_shapes: Mapping[str, tuple[int, ...]] | None,
     seed: int,
+    distribution: str = "normal",
+    value_range: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded random inputs for ``session_inputs`` (ORT ``NodeArg`` objects: name, type, shape).
 
-    Floats are standard normal cast to the input's dtype, integers uniform in ``[0, 4)``, bools fair
-    coin flips. Dynamic dimensions (``None`` or a symbolic name) are 1 unless ``input_shapes`` gives
+    Floats are standard normal (``distribution="normal"``, clipped to ``value_range`` when given) or
+    uniform in ``value_range`` (default ``[-1, 1)``), cast to the input's dtype; integers are
+    uniform in ``value_range`` (default ``[0, 4)``), bools fair coin flips. Dynamic dimensions (``None`` or a symbolic name) are 1 unless ``input_shapes`` gives
     the input's full shape. ORT reports an input of unknown rank like a scalar (shape ``[]``), so
     for those any given shape is accepted. Raises :class:`UsageError` when ``input_shapes`` names an input the model
     does not have, or gives a shape whose rank or fixed dimensions disagree with the model, or an
@@ -228,6 +236,10 @@ def make_inputs(
             f"input shape given for {', '.join(map(repr, unknown))}, which is not an input of the "
             f"model; its inputs are: {real}"
         )
+    if distribution not in DISTRIBUTIONS:
+        raise UsageError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    if value_range is not None and not (float(value_range[0]) < float(value_range[1])):
+        raise UsageError(f"value range {list(value_range)} is empty: LOW must be below HIGH")
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
@@ -242,9 +254,19 @@ def make_inputs(
         if dtype == np.bool_:
             value = rng.random(shape) < 0.5
         elif _is_float(dtype):
-            value = rng.standard_normal(shape).astype(dtype)
+            if distribution == "uniform":
+                low, high = value_range if value_range is not None else (-1.0, 1.0)
+                value = rng.uniform(low, high, size=shape).astype(dtype)
+            else:
+                value = rng.standard_normal(shape)
+                if value_range is not None:
+                    value = np.clip(value, value_range[0], value_range[1])
+                value = value.astype(dtype)
         else:
-            value = rng.integers(_INT_LOW, _INT_HIGH, size=shape, dtype=dtype)
+            low, high = (_INT_LOW, _INT_HIGH) if value_range is None else (
+                math.ceil(value_range[0]), max(math.ceil(value_range[0]) + 1, math.ceil(value_range[1])))
+            info = np.iinfo(dtype)
+            value = rng.integers(max(low, info.min), min(high, int(info.max) + 1), size=shape, dtype=dtype)
         feeds[spec.name] = np.asarray(value, dtype=dtype)
     return feeds
 
@@ -589,6 +611,9 @@ def verify_models(
     rtol: float | None = None,
     output_tolerances: Mapping[str, tuple[float, float]] | None = None,
     samples: int = 1,
+    distribution: str = "normal",
+    value_range: tuple[float, float] | None = None,
+    data: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> VerificationResult:
     """Check that ``candidate`` computes what ``reference`` computes, under ONNX Runtime CPU.
 
@@ -600,6 +625,9 @@ def verify_models(
         atol, rtol: override the per-dtype defaults for every output.
         output_tolerances: ``{output_name: (atol, rtol)}``, overrides everything for that output.
         samples: number of seeded batches; statistics are aggregated over all of them.
+        distribution, value_range: how random inputs are drawn (see :func:`make_inputs`).
+        data: user batches, ``[{input_name: array}, ...]``; each is one sample (``samples`` is then
+            ``len(data)``); inputs a batch leaves out get seeded random values.
 
     Returns a :class:`VerificationResult`; it does not raise when a model cannot be run (see
     ``skipped_reason`` and ``message``). Raises :class:`UsageError` for bad arguments (unknown input
@@ -658,14 +686,35 @@ def verify_models(
             f"model; its outputs are: {', '.join(repr(n) for n, _ in outputs)}"
         )
 
-    first = make_inputs(inputs, input_shapes=input_shapes, seed=seed)
+    if data is not None:
+        samples = len(data)
+        if samples < 1:
+            raise UsageError("no input data given")
+        names = {spec.name: spec for spec in inputs}
+        for batch in data:
+            for name in batch:
+                if name not in names:
+                    raise UsageError(
+                        f"input data given for {name!r}, which is not an input of the model; its "
+                        f"inputs are: {', '.join(repr(n) for n in names) or 'none'}"
+                    )
+
+    def feeds_for(k: int) -> dict[str, np.ndarray]:
+        batch = dict(data[k]) if data is not None else {}
+        shapes = dict(input_shapes or {})
+        shapes.update({name: tuple(np.shape(v)) for name, v in batch.items()})
+        feeds = make_inputs(inputs, input_shapes=shapes, seed=seed + k, distribution=distribution,
+                            value_range=value_range)
+        for name, value in batch.items():
+            feeds[name] = np.asarray(value).astype(feeds[name].dtype, copy=False)
+        return feeds
+
+    first = feeds_for(0)
     used_shapes = {name: [int(d) for d in value.shape] for name, value in first.items()}
     references: list[list[np.ndarray]] = []
     try:
         for k in range(samples):
-            feeds = (
-                first if k == 0 else make_inputs(inputs, input_shapes=input_shapes, seed=seed + k)
-            )
+            feeds = first if k == 0 else feeds_for(k)
             references.append(_ort.run(session, feeds))
     except _ort.OrtRunError as error:
         return result(
@@ -700,7 +749,7 @@ def verify_models(
             )
             accumulators.append(_Accumulator(name, out_atol, out_rtol))
         for k in range(samples):
-            feeds = make_inputs(inputs, input_shapes=input_shapes, seed=seed + k)
+            feeds = feeds_for(k)
             try:
                 produced = _ort.run(session, feeds)
             except _ort.OrtRunError as error:
@@ -760,3 +809,41 @@ def _log_outcome(outcome: VerificationResult) -> None:
             output.atol,
             output.rtol,
         )
+
+
+def load_input_data(specs: Iterable[str]) -> list[dict[str, np.ndarray]]:
+    """Parse ``--data`` values; each is one batch: ``FILE.npz`` (arrays keyed by input name) or
+    ``NAME=FILE.npy[,NAME=FILE.npy...]``. Raises :class:`UsageError` / :class:`InputNotFoundError`."""
+    batches: list[dict[str, np.ndarray]] = []
+    for spec in specs:
+        batch: dict[str, np.ndarray] = {}
+        parts = [str(spec)] if str(spec).endswith(".npz") and "=" not in str(spec) else str(spec).split(",")
+        for part in parts:
+            name, sep, path = part.rpartition("=")
+            if not sep and path.endswith(".npz"):
+                batch.update(_load_npz(path))
+                continue
+            if not sep or not name or not path:
+                raise UsageError(f"malformed --data {spec!r}: expected FILE.npz or NAME=FILE.npy")
+            batch[name] = _load_npy(path)
+        batches.append(batch)
+    return batches
+
+
+def _load_npy(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise InputNotFoundError(f"{path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{path}: not a .npy array ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise InputNotFoundError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{path}: not a .npz archive ({str(exc).splitlines()[0] if str(exc) else exc})") from None

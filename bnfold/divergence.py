@@ -1,6 +1,6 @@
 """Find where two models first disagree: expose the tensors they share, compare them in order.
 
-When :func:`bnfold.verify.verify_models` says the outputs differ, :func:`localize` says *where*: it
+When :func:`bnfold.compare.verify_models` says the outputs differ, :func:`localize` says *where*: it
 runs both models once more with their shared intermediate tensors added as graph outputs, compares
 every shared tensor exactly as verification compares outputs, and names the first one that fails
 together with the node that produces it.
@@ -19,8 +19,8 @@ anyway, because ONNX Runtime infers the type of a graph output from the node tha
 ONNX shape inference is needed. Should ORT refuse the untyped outputs, the run is retried with only
 the values whose type the model declares.
 
-Tensors are compared with :func:`bnfold.verify.compare_outputs` on the same seeded inputs
-verification uses (:func:`bnfold.verify.make_inputs` from the reference's inputs), with the default
+Tensors are compared with :func:`bnfold.compare.compare_outputs` on the same seeded inputs
+verification uses (:func:`bnfold.compare.make_inputs` from the reference's inputs), with the default
 tolerance of their dtype unless ``atol``/``rtol`` are given. Both models run under ONNX Runtime CPU
 with graph optimizations disabled, one session after the other.
 
@@ -77,8 +77,8 @@ import onnx_ir as ir
 
 from bnfold import _ort
 from bnfold import io as _io
+from bnfold.compare import OutputComparison, compare_outputs, make_inputs
 from bnfold.errors import InvalidModelError, UsageError
-from bnfold.verify import OutputComparison, compare_outputs, make_inputs
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Divergence", "LocalizeResult", "Producer", "localize"]
 
@@ -164,7 +164,7 @@ class Divergence:
 class LocalizeResult:
     """The outcome of :func:`localize`; **truthy when a divergence was found**.
 
-    Note the polarity: a :class:`~bnfold.verify.VerificationResult` is truthy when the models
+    Note the polarity: a :class:`~bnfold.compare.VerificationResult` is truthy when the models
     agree, a ``LocalizeResult`` when it located a disagreement (``if result: print(result.divergence)``).
 
     ``shared`` counts the shared tensors that were candidates for comparison (names in both main
@@ -303,7 +303,9 @@ def _shared(cand: _Index, ref: _Index) -> list[tuple[str, tuple[str, ...]]]:
         if not folded:
             counterparts: tuple[str, ...] = (name,)
         elif _same_producer(name, cand, ref):
-            counterparts = (name, folded[-1])
+            # bnfold keeps the folded weight's name, so a backward fold looks like this too:
+            # the BN's output is the likelier counterpart, X itself the alternative.
+            counterparts = (folded[-1], name)
         else:
             counterparts = (folded[-1],)
         counterparts = tuple(c for c in counterparts if _declared_float(ref.values[c]) is not False)
@@ -435,7 +437,7 @@ def localize(
             an ``onnx.ModelProto``, the bytes of one, or an ``onnx_ir.Model`` (its graph outputs
             are changed while it is serialized and restored; nothing else is touched).
         input_shapes: full shapes for inputs with dynamic dimensions (others default to 1), as for
-            :func:`bnfold.verify.verify_models`.
+            :func:`bnfold.compare.verify_models`.
         seed: seed of the random inputs (the same inputs ``verify_models`` uses for its first batch).
         atol, rtol: override the per-dtype default tolerances for every tensor.
         chunk_size: most tensors exposed per run (see "Memory and disk" in the module docstring).

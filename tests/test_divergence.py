@@ -1,4 +1,4 @@
-"""Specification of ``bnfold.localize``: name the first shared tensor where two models disagree.
+"""Specification of ``bnfold.divergence``: name the first shared tensor where two models disagree.
 
 Chain models are built in code; a "perturbed" candidate is the same graph with one weight changed,
 so the tensor that must be reported is known. Intermediate values carry no declared type (as in
@@ -20,9 +20,9 @@ import pytest
 
 from bnfold import _ort
 from bnfold.api import fold
+from bnfold.compare import verify_models
+from bnfold.divergence import Divergence, LocalizeResult, Producer, localize
 from bnfold.errors import InputNotFoundError, InvalidModelError, UsageError
-from bnfold.localize import Divergence, LocalizeResult, Producer, localize
-from bnfold.verify import verify_models
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 FLOAT = onnx.TensorProto.FLOAT
