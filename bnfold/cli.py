@@ -34,17 +34,18 @@ InputShapeOpt = Annotated[
     typer.Option(
         "--input-shape",
         metavar="NAME=D0,D1,...",
+        envvar="BNFOLD_INPUT_SHAPE",
         help="Shape of an input with dynamic dimensions for verification, e.g. input=1,3,224,224. "
         "Repeatable. Dynamic dimensions not given default to 1.",
     ),
 ]
 AtolOpt = Annotated[
-    float | None, typer.Option("--atol", min=0.0, help="Absolute tolerance (default: by output dtype).")
+    float | None, typer.Option("--atol", min=0.0, envvar="BNFOLD_ATOL", help="Absolute tolerance (default: by output dtype).")
 ]
 RtolOpt = Annotated[
-    float | None, typer.Option("--rtol", min=0.0, help="Relative tolerance (default: by output dtype).")
+    float | None, typer.Option("--rtol", min=0.0, envvar="BNFOLD_RTOL", help="Relative tolerance (default: by output dtype).")
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs.")]
+SeedOpt = Annotated[int, typer.Option("--seed", envvar="BNFOLD_SEED", help="Seed of the random verification inputs.")]
 SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Number of seeded input batches to compare.")]
 DistOpt = Annotated[
     str, typer.Option("--dist", help="Distribution of random float inputs: normal or uniform.")
@@ -159,15 +160,24 @@ def _default_output(model: Path) -> Path:
 @app.command()
 @_guard
 def fold(
-    model: Annotated[Path, typer.Argument(help="The ONNX model to fold.", show_default=False)],
+    models: Annotated[
+        list[Path],
+        typer.Argument(help="ONNX model(s) to fold: files, directories (every *.onnx below) or glob patterns.", show_default=False),
+    ],
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Where to write the folded model (default: MODEL.folded.onnx next to MODEL)."),
+        typer.Option("-o", "--output", help="Where to write the folded model (one input only; default: MODEL.folded.onnx next to MODEL)."),
     ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("-O", "--output-dir", envvar="BNFOLD_OUTPUT_DIR", help="Write every folded model here, mirroring the inputs' relative layout (external data included)."),
+    ] = None,
+    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, envvar="BNFOLD_JOBS", help="Worker processes for several models.")] = 1,
     verify: Annotated[
         bool,
         typer.Option(
             "--verify/--no-verify",
+            envvar="BNFOLD_VERIFY",
             help="Run original and folded models in ONNX Runtime (optimizations disabled) and compare "
             "every output. On failure nothing is written and the exit code is 1.",
         ),
@@ -177,7 +187,7 @@ def fold(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 when any BatchNormalization is kept (the output is still written).")
+        bool, typer.Option("--strict", envvar="BNFOLD_STRICT", help="Exit 1 when any BatchNormalization is kept (the output is still written).")
     ] = False,
     bench: Annotated[
         bool,
@@ -193,35 +203,41 @@ def fold(
         ),
     ] = None,
     json_out: JsonOpt = None,
+    markdown: MarkdownOpt = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List every BatchNormalization, also on big models.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")] = False,
 ) -> None:
-    """Fold every foldable BatchNormalization of MODEL and write the folded model.
+    """Fold every foldable BatchNormalization of MODEL(s) and write the folded model(s).
 
-    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all.
+    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
 
-    Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error.
+    Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error. With several models: the worst of them.
     """
-    from .api import fold as api_fold
+    from .batch import expand_inputs
     from .compare import parse_input_shapes
-    from .report import render
+    from .errors import UsageError
 
     shapes = parse_input_shapes(input_shape or [])
-    out = output if output is not None else _default_output(model)
+    inputs = expand_inputs(models)
+    if not inputs:
+        raise UsageError("no ONNX model found in " + ", ".join(str(m) for m in models))
+    single = len(inputs) == 1 and output_dir is None and not models[0].is_dir()
+    if output is not None and not single:
+        raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
+    options = dict(verify=verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed, strict=strict,
+                   external_data=external_data)
     console = _console(json_out == "-")
+    if not single:
+        _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, quiet)
+        return
+
+    from .api import fold as api_fold
+    from .report import fold_markdown, render
+
+    model = inputs[0][0]
+    out = output if output is not None else _default_output(model)
     with _progress(console, enabled=not quiet) as progress:
-        result = api_fold(
-            model,
-            out,
-            verify=verify,
-            input_shapes=shapes,
-            atol=atol,
-            rtol=rtol,
-            seed=seed,
-            strict=strict,
-            external_data=external_data,
-            progress=progress,
-        )
+        result = api_fold(model, out, progress=progress, **options)
     report = result.report
     if bench and report.written:
         from .latency import bench as run_bench
@@ -233,11 +249,128 @@ def fold(
             )
     if json_out:
         _write_json(report.to_dict(), json_out)
+    if markdown is not None or _summary_env():
+        _write_markdown(fold_markdown([report]), markdown)
     if quiet:
         console.print("PASSED" if report.passed else "FAILED")
     else:
         render(report, console, verbose=verbose)
     raise typer.Exit(report.exit_code)
+
+
+def _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, quiet) -> None:
+    """Fold several models; a summary table at the end; exit with the worst result."""
+    from .batch import fold_many
+    from .report import batch_markdown, render_batch
+
+    tasks = [(src, (output_dir / rel) if output_dir is not None else _default_output(src)) for src, rel in inputs]
+    total = len(tasks)
+    bar = None
+    if console.is_terminal and not quiet:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       console=console, transient=True)
+        bar.start()
+        task_id = bar.add_task(f"folding {total} models", total=total)
+
+    def on_done(item, done, n) -> None:
+        if bar is not None:
+            bar.update(task_id, completed=done, description=f"folded {Path(item.input).name}")
+        elif not quiet:
+            # Not a terminal (CI logs): one plain line per model, no control characters.
+            console.print(f"[{done}/{n}] {item.input}: {item.status}" + (f" ({item.error})" if item.error else ""),
+                          markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        result = fold_many(tasks, jobs=jobs, options=options, on_done=on_done)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if json_out:
+        _write_json(result.to_dict(), json_out)
+    if markdown is not None or _summary_env():
+        _write_markdown(batch_markdown(result), markdown)
+    if quiet:
+        console.print("PASSED" if result.passed else "FAILED")
+    else:
+        render_batch(result, console)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+@_guard
+def check(
+    models: Annotated[list[Path], typer.Argument(help="ONNX model(s) to check: files, directories or glob patterns.", show_default=False)],
+    allow: Annotated[int, typer.Option("--allow", min=0, envvar="BNFOLD_ALLOW", help="Pass while at most N foldable BatchNorms remain per model.")] = 0,
+    allow_node: Annotated[
+        list[str] | None,
+        typer.Option("--allow-node", metavar="NAME", help="A BatchNormalization kept on purpose (repeatable); it never fails the check."),
+    ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", metavar="ORIGINAL", help="Also verify the (single) model against ORIGINAL, as 'bnfold verify' does."),
+    ] = None,
+    input_shape: InputShapeOpt = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = None,
+    markdown: MarkdownOpt = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")] = False,
+) -> None:
+    """Read-only gate: fail when a model still holds a BatchNormalization that bnfold could fold.
+
+    Nothing is written and no ONNX Runtime session is created unless --against is given. Each foldable BN is named with where it would fold.
+
+    Exit codes: 0 nothing left to fold (within --allow / --allow-node) and, with --against, outputs match; 1 otherwise; 2 bad input or usage.
+    """
+    from .batch import check_model, expand_inputs
+    from .compare import parse_input_shapes
+    from .errors import UsageError
+    from .report import check_markdown, render_check
+
+    shapes = parse_input_shapes(input_shape or [])
+    inputs = expand_inputs(models)
+    if not inputs:
+        raise UsageError("no ONNX model found in " + ", ".join(str(m) for m in models))
+    if against is not None and len(inputs) != 1:
+        raise UsageError("--against compares one model with its original; give exactly one model")
+    if against is not None:
+        _check_model_path(against)
+    verify_options = dict(input_shapes=shapes or None, seed=seed, atol=atol, rtol=rtol)
+    console = _console(json_out == "-")
+    results = []
+    for path, _ in inputs:
+        r = check_model(path, allow_nodes=allow_node or (), against=against, verify_options=verify_options)
+        if r.exit_code == 1 and len(r.foldable) <= allow and not (
+            r.verification is not None and not r.verification and not r.verification.skipped_reason
+        ):
+            r.exit_code = 0  # within --allow
+        results.append(r)
+    if len(results) == 1 and results[0].error and results[0].exit_code == 2:
+        from .errors import BnfoldError
+
+        err = BnfoldError(results[0].error)
+        raise err
+    exit_code = max(r.exit_code for r in results)
+    if json_out:
+        from .report import SCHEMA_VERSION
+
+        _write_json({"schema_version": SCHEMA_VERSION, "passed": exit_code == 0, "exit_code": exit_code,
+                     "allow": allow, "models": [r.to_dict() for r in results]}, json_out)
+    if markdown is not None or _summary_env():
+        _write_markdown(check_markdown(results), markdown)
+    if not quiet:
+        render_check(results, console)
+    console.print("[bold green]PASSED[/]" if exit_code == 0 else "[bold red]FAILED[/]")
+    raise typer.Exit(exit_code)
 
 
 def _parse_range(text: str | None) -> tuple[float, float] | None:

@@ -333,3 +333,109 @@ def verification_markdown(v: Any, reference: str, candidate: str, located: Any =
     if located is not None:
         lines += ["", located.describe()]
     return "\n".join(lines)
+
+
+def _reason_counts(kept: list[Any]) -> str:
+    counts: dict[str, int] = {}
+    for d in kept:
+        key = d["reason"] if isinstance(d, dict) else (d.reason.value if d.reason else "?")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "-"
+
+
+def _max_error(verification: dict[str, Any] | None) -> str:
+    if not verification:
+        return "not run"
+    if verification.get("skipped_reason"):
+        return "skipped"
+    errs = [o["max_abs_error"] for o in verification.get("outputs", []) if o.get("max_abs_error") is not None]
+    return _fmt_err(max(errs)) if errs else "-"
+
+
+def fold_markdown(reports: list[FoldReport]) -> str:
+    """Markdown for CI job summaries: one row per model, then every kept BN with its reason."""
+    return batch_markdown_rows([r.to_dict() for r in reports], title="bnfold fold")
+
+
+def batch_markdown_rows(models: list[dict[str, Any]], *, title: str) -> str:
+    ok = all(m.get("passed") for m in models)
+    lines = [f"### {title}: {'PASSED' if ok else 'FAILED'}", "",
+             "| model | BN | folded | kept (reasons) | max abs error | written | result |",
+             "|---|--:|--:|---|--:|---|---|"]
+    kept_rows = []
+    for m in models:
+        if m.get("error"):
+            lines.append(f"| {m.get('input')} | | | | | no | error: {m['error']} |")
+            continue
+        totals = m["totals"]
+        kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
+        lines.append(f"| {m['input']} | {totals['batchnorms']} | {totals['folded']} | {_reason_counts(kept)} | "
+                     f"{_max_error(m.get('verification'))} | {'yes' if m.get('written') else 'no'} | "
+                     f"{'PASSED' if m['passed'] else 'FAILED'} |")
+        kept_rows += [f"| {m['input']} | {b['name']} | {b['reason']} | {b['detail']} |" for b in kept]
+    if kept_rows:
+        lines += ["", "Kept BatchNormalization nodes:", "", "| model | node | reason | detail |", "|---|---|---|---|"]
+        lines += kept_rows
+    return "\n".join(lines)
+
+
+def batch_markdown(result: Any) -> str:
+    return batch_markdown_rows([i.to_dict() for i in result.items], title="bnfold fold")
+
+
+def render_batch(result: Any, console: Any) -> None:
+    """Summary table of a batch fold, then a final PASSED/FAILED line."""
+    from rich.table import Table
+
+    t = Table(title=f"bnfold fold: {len(result.items)} models, {result.jobs} job(s), {result.seconds:.1f}s",
+              title_justify="left")
+    for col in ("model", "BN", "folded", "kept (reasons)", "max abs error", "output", "result"):
+        t.add_column(col, overflow="fold")
+    for item in result.items:
+        if item.error is not None:
+            t.add_row(item.input, "", "", "", "", "-", f"[red]error[/] {item.error}")
+            continue
+        m = item.report
+        kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
+        status = "[green]PASSED[/]" if item.exit_code == 0 else "[red]FAILED[/]"
+        t.add_row(item.input, str(m["totals"]["batchnorms"]), str(m["totals"]["folded"]), _reason_counts(kept),
+                  _max_error(m.get("verification")), m["output"] if m.get("written") else "not written", status)
+    console.print(t)
+    console.print("[bold green]PASSED[/]" if result.passed else "[bold red]FAILED[/]")
+
+
+def check_markdown(results: list[Any]) -> str:
+    ok = all(r.passed for r in results)
+    lines = [f"### bnfold check: {'PASSED' if ok else 'FAILED'}", "",
+             "| model | BN | foldable | allowed | kept | verification | result |", "|---|--:|--:|--:|--:|---|---|"]
+    rows = []
+    for r in results:
+        v = r.verification
+        vtext = "-" if v is None else ("skipped" if v.skipped_reason else ("pass" if v else "FAIL"))
+        lines.append(f"| {r.path} | {r.batchnorms} | {len(r.foldable)} | {len(r.allowed)} | {len(r.kept)} | {vtext} | "
+                     f"{'PASSED' if r.passed else ('error: ' + r.error if r.error else 'FAILED')} |")
+        rows += [f"| {r.path} | {d['name']} | {d['target_op']} {d['target']} |" for d in r.foldable]
+    if rows:
+        lines += ["", "Foldable BatchNormalization nodes left:", "", "| model | node | would fold into |", "|---|---|---|"]
+        lines += rows
+    return "\n".join(lines)
+
+
+def render_check(results: list[Any], console: Any) -> None:
+    from rich.table import Table
+
+    for r in results:
+        if r.error:
+            console.print(f"[red]{r.path}: error:[/] {r.error}")
+            continue
+        status = "[green]nothing left to fold[/]" if not r.foldable else f"[red]{len(r.foldable)} foldable BatchNorm(s) left[/]"
+        console.print(f"{r.path}: {r.batchnorms} BatchNorm(s); {status}; {len(r.kept)} kept; {len(r.allowed)} allowed")
+        if r.foldable:
+            t = Table(show_header=True)
+            for col in ("BatchNormalization", "would fold into", "how"):
+                t.add_column(col, overflow="fold")
+            for d in r.foldable:
+                t.add_row(d["name"], f"{d['target_op']} {d['target']}", d["detail"])
+            console.print(t)
+        if r.verification is not None:
+            render_verification(r.verification, console, title=f"{r.path} against its original")

@@ -124,7 +124,7 @@ def test_external_data_option(cnn, tmp_path):
     "setup, args, text",
     [
         (None, ["fold", "{tmp}/missing.onnx"], "no such file"),
-        (None, ["fold", "{tmp}"], "is a directory"),
+        (None, ["fold", "{tmp}"], "no ONNX model found"),
         ("empty", ["fold", "{tmp}/empty.onnx"], "empty file"),
         ("text", ["fold", "{tmp}/text.onnx"], "not"),
         ("copy", ["fold", "{tmp}/m.onnx", "-o", "{tmp}/m.onnx"], "is the input"),

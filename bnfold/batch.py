@@ -1,0 +1,247 @@
+"""Many models at once: ``bnfold fold DIR -O OUT --jobs N`` and ``bnfold check MODEL...``.
+
+Inputs may be files, directories (every ``*.onnx`` below them, recursively) or glob patterns. With an
+output directory the relative layout is mirrored: ``models/a/b.onnx`` given as ``models`` is written to
+``OUT/a/b.onnx`` (external data beside it). One model that fails does not stop the others; each gets
+its own entry, and the batch's exit code is the worst of them (2 bad input > 1 failed > 0).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchItem",
+    "BatchResult",
+    "CheckResult",
+    "expand_inputs",
+    "fold_many",
+    "check_model",
+]
+
+import glob
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BnfoldError, UsageError
+
+_SKIP_SUFFIXES = (".folded.onnx",)
+
+
+def expand_inputs(specs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """``[(model path, path relative to its root)]`` for files, directories and globs, in order."""
+    found: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, root: Path | None) -> None:
+        key = path.resolve()
+        if key in seen:
+            return
+        seen.add(key)
+        found.append((path, path.relative_to(root) if root is not None else Path(path.name)))
+
+    for spec in specs:
+        text = os.fspath(spec)
+        p = Path(text)
+        if p.is_dir():
+            for child in sorted(p.rglob("*.onnx")):
+                if child.is_file() and not child.name.endswith(_SKIP_SUFFIXES) and not _in_hidden(child, p):
+                    add(child, p)
+        elif p.exists() or not glob.has_magic(text):
+            add(p, None)  # a missing file is reported by fold/check as that model's error
+        else:
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise UsageError(f"{text}: no file matches")
+            for m in matches:
+                if Path(m).is_file():
+                    add(Path(m), None)
+    return found
+
+
+def _in_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
+
+
+@dataclass
+class BatchItem:
+    """One model of a batch: its report as a dict (the FoldReport JSON form) or its error."""
+
+    input: str
+    output: str | None
+    exit_code: int
+    report: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return "error"
+        return "PASSED" if self.exit_code == 0 else "FAILED"
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.report is not None:
+            return {**self.report, "exit_code": self.exit_code, "error": None}
+        return {"input": self.input, "output": self.output, "exit_code": self.exit_code, "error": self.error,
+                "passed": False}
+
+
+@dataclass
+class BatchResult:
+    items: list[BatchItem] = field(default_factory=list)
+    seconds: float = 0.0
+    jobs: int = 1
+
+    @property
+    def exit_code(self) -> int:
+        return max((i.exit_code for i in self.items), default=0)
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        from .report import SCHEMA_VERSION
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "passed": self.passed,
+            "exit_code": self.exit_code,
+            "jobs": self.jobs,
+            "seconds": round(self.seconds, 3),
+            "models": [i.to_dict() for i in self.items],
+        }
+
+
+def _fold_one(task: tuple[str, str | None, dict[str, Any]]) -> BatchItem:
+    """Worker: fold one model; never raises for the user's errors (they become the item's error)."""
+    from .api import fold
+
+    src, dst, options = task
+    try:
+        result = fold(src, dst, **options)
+    except BnfoldError as exc:
+        return BatchItem(src, dst, exc.exit_code, error=str(exc))
+    report = result.report
+    return BatchItem(src, dst, report.exit_code, report=report.to_dict())
+
+
+def fold_many(
+    tasks: Sequence[tuple[Path, Path]],
+    *,
+    jobs: int = 1,
+    options: dict[str, Any] | None = None,
+    on_done: Callable[[BatchItem, int, int], None] | None = None,
+) -> BatchResult:
+    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``."""
+    import time
+
+    opts = dict(options or {})
+    opts.pop("progress", None)  # a callback cannot cross processes
+    work = [(str(src), str(dst), opts) for src, dst in tasks]
+    for _, dst, _ in work:
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    items: list[BatchItem | None] = [None] * len(work)
+    if jobs <= 1 or len(work) <= 1:
+        for k, task in enumerate(work):
+            items[k] = _fold_one(task)
+            if on_done:
+                on_done(items[k], k + 1, len(work))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: ONNX Runtime's thread pools do not survive a fork.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_fold_one, task): k for k, task in enumerate(work)}
+            for done, future in enumerate(as_completed(futures), start=1):
+                k = futures[future]
+                try:
+                    items[k] = future.result()
+                except Exception as exc:  # a crashed worker is that model's failure, not the batch's
+                    items[k] = BatchItem(work[k][0], work[k][1], 3, error=f"worker failed: {exc}")
+                if on_done:
+                    on_done(items[k], done, len(work))
+    return BatchResult(items=[i for i in items if i is not None], seconds=time.perf_counter() - started, jobs=jobs)
+
+
+@dataclass
+class CheckResult:
+    """``bnfold check`` on one model: which BatchNorms bnfold could still fold (each with where)."""
+
+    path: str
+    batchnorms: int = 0
+    foldable: list[dict[str, Any]] = field(default_factory=list)
+    allowed: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    verification: Any = None
+    error: str | None = None
+    exit_code: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "passed": self.passed,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "batchnorms": self.batchnorms,
+            "foldable": self.foldable,
+            "allowed": self.allowed,
+            "kept": self.kept,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+        }
+
+
+def check_model(
+    path: str | os.PathLike,
+    *,
+    allow_nodes: Sequence[str] = (),
+    against: str | os.PathLike | None = None,
+    verify_options: dict[str, Any] | None = None,
+) -> CheckResult:
+    """Read-only gate: fold a copy in memory (nothing is written) and list the BNs that folded.
+
+    With ``against`` (the original model), also verify ``path`` against it under ONNX Runtime.
+    """
+    from . import io as _io
+    from .api import fold_model
+
+    result = CheckResult(path=str(path))
+    try:
+        model = _io.load(path)
+        decisions = fold_model(model)  # in memory only; folded weights stay lazy, never computed
+    except BnfoldError as exc:
+        result.error, result.exit_code = str(exc), exc.exit_code
+        return result
+    allow = set(allow_nodes)
+    result.batchnorms = len(decisions)
+    for d in decisions:
+        entry = d.to_dict()
+        if not d.folded:
+            result.kept.append(entry)
+        elif d.name in allow:
+            result.allowed.append(entry)
+        else:
+            result.foldable.append(entry)
+    if against is not None:
+        from .compare import verify_models
+
+        try:
+            result.verification = verify_models(str(against), str(path), **(verify_options or {}))
+        except BnfoldError as exc:
+            result.error, result.exit_code = str(exc), exc.exit_code
+            return result
+    failed_verification = result.verification is not None and not result.verification and not (
+        result.verification.skipped_reason)
+    result.exit_code = 1 if (result.foldable or failed_verification) else 0
+    return result
