@@ -1,7 +1,9 @@
 """Fold the shipped sample models and the onnx wheel's light model-zoo graphs; print one table.
 
 For each model: BatchNormalization count before/after, why the kept ones were kept, node count
-before/after, the time of each phase (load, fold, save, verify) and the verification error.
+before/after, fold time and total time (load + fold + save + verify), the verification error, and the
+latency ratio folded/original under ONNX Runtime (CPU, 1 thread, interleaved runs, 95% bootstrap
+interval) at optimization level 'disable' and 'all', plus the session-creation ratio at 'all'.
 Run from the repository root::
 
     python benchmarks/fold_models.py [--markdown]
@@ -39,9 +41,12 @@ def models() -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--runs", type=int, default=200, help="timed runs per model per level")
+    ap.add_argument("--no-bench", action="store_true", help="skip the latency comparison")
     args = ap.parse_args()
 
-    header = ["model", "BN", "folded", "kept (reason)", "nodes", "load s", "fold s", "save s", "verify s", "max abs err", "result"]
+    header = ["model", "BN", "folded", "kept (reason)", "nodes", "fold s", "total s", "max abs err",
+              "latency disable", "latency all", "session all", "result"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in models():
@@ -54,12 +59,19 @@ def main() -> None:
             v = r.verification
             err = max((o.max_abs_error for o in v.outputs), default=0.0) if v and not v.skipped_reason else None
             t = r.timings
+            lat = {"disable": "-", "all": "-"}
+            create = "-"
+            if r.written and not args.no_bench:
+                b = bnfold.bench([path, Path(tmp) / path.name], runs=args.runs, labels=["original", "folded"])
+                for ratio in b.ratios:
+                    lat[ratio.level] = f"{ratio.median_ratio:.3f} [{ratio.ci_low:.2f}, {ratio.ci_high:.2f}]"
+                    if ratio.level == "all":
+                        create = f"{ratio.session_create_ratio:.2f}"
             rows.append([
                 path.stem, str(len(r.decisions)), str(len(r.folded)), kept,
-                f"{r.nodes_before}→{r.nodes_after}",
-                f"{t.get('load', 0):.3f}", f"{t.get('fold', 0):.3f}", f"{t.get('save', 0):.3f}",
-                f"{t.get('verify', 0):.3f}", "-" if err is None else f"{err:.2g}",
-                ("PASSED" if r.passed else "FAILED") + f" ({total:.2f}s)",
+                f"{r.nodes_before}→{r.nodes_after}", f"{t.get('fold', 0):.3f}", f"{total:.2f}",
+                "-" if err is None else f"{err:.2g}", lat["disable"], lat["all"], create,
+                "PASSED" if r.passed else "FAILED",
             ])
     if args.markdown:
         print("| " + " | ".join(header) + " |")
