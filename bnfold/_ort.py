@@ -92,6 +92,19 @@ class OrtRunError(RuntimeError):
     """
 
 
+LOAD_PREFIX = "ONNX Runtime cannot load the model: "
+RUN_PREFIX = "ONNX Runtime failed to run the model: "
+
+
+def error_reason(error: Exception) -> str:
+    """The ORT part of an InvalidModelError / OrtRunError message (without our prefix)."""
+    text = str(error)
+    for prefix in (LOAD_PREFIX, RUN_PREFIX):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    return text
+
+
 def _first_line(exc: BaseException) -> str:
     """ORT's message without the ``[ONNXRuntimeError] : 1 : FAIL :`` noise, first line only."""
     text = str(exc).strip()

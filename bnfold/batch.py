@@ -46,7 +46,11 @@ def expand_inputs(specs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]
         p = Path(text)
         if p.is_dir():
             for child in sorted(p.rglob("*.onnx")):
-                if child.is_file() and not child.name.endswith(_SKIP_SUFFIXES) and not _in_hidden(child, p):
+                if (
+                    child.is_file()
+                    and not child.name.endswith(_SKIP_SUFFIXES)
+                    and not _in_hidden(child, p)
+                ):
                     add(child, p)
         elif p.exists() or not glob.has_magic(text):
             add(p, None)  # a missing file is reported by fold/check as that model's error
@@ -83,8 +87,13 @@ class BatchItem:
     def to_dict(self) -> dict[str, Any]:
         if self.report is not None:
             return {**self.report, "exit_code": self.exit_code, "error": None}
-        return {"input": self.input, "output": self.output, "exit_code": self.exit_code, "error": self.error,
-                "passed": False}
+        return {
+            "input": self.input,
+            "output": self.output,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "passed": False,
+        }
 
 
 @dataclass
@@ -164,11 +173,15 @@ def fold_many(
                 k = futures[future]
                 try:
                     items[k] = future.result()
-                except Exception as exc:  # a crashed worker is that model's failure, not the batch's
+                except (
+                    Exception
+                ) as exc:  # a crashed worker is that model's failure, not the batch's
                     items[k] = BatchItem(work[k][0], work[k][1], 3, error=f"worker failed: {exc}")
                 if on_done:
                     on_done(items[k], done, len(work))
-    return BatchResult(items=[i for i in items if i is not None], seconds=time.perf_counter() - started, jobs=jobs)
+    return BatchResult(
+        items=[i for i in items if i is not None], seconds=time.perf_counter() - started, jobs=jobs
+    )
 
 
 @dataclass
@@ -241,7 +254,10 @@ def check_model(
         except BnfoldError as exc:
             result.error, result.exit_code = str(exc), exc.exit_code
             return result
-    failed_verification = result.verification is not None and not result.verification and not (
-        result.verification.skipped_reason)
+    failed_verification = (
+        result.verification is not None
+        and not result.verification
+        and not (result.verification.skipped_reason)
+    )
     result.exit_code = 1 if (result.foldable or failed_verification) else 0
     return result

@@ -40,13 +40,30 @@ InputShapeOpt = Annotated[
     ),
 ]
 AtolOpt = Annotated[
-    float | None, typer.Option("--atol", min=0.0, envvar="BNFOLD_ATOL", help="Absolute tolerance (default: by output dtype).")
+    float | None,
+    typer.Option(
+        "--atol",
+        min=0.0,
+        envvar="BNFOLD_ATOL",
+        help="Absolute tolerance (default: by output dtype).",
+    ),
 ]
 RtolOpt = Annotated[
-    float | None, typer.Option("--rtol", min=0.0, envvar="BNFOLD_RTOL", help="Relative tolerance (default: by output dtype).")
+    float | None,
+    typer.Option(
+        "--rtol",
+        min=0.0,
+        envvar="BNFOLD_RTOL",
+        help="Relative tolerance (default: by output dtype).",
+    ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", envvar="BNFOLD_SEED", help="Seed of the random verification inputs.")]
-SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="Number of seeded input batches to compare.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", envvar="BNFOLD_SEED", help="Seed of the random verification inputs."),
+]
+SamplesOpt = Annotated[
+    int, typer.Option("--samples", min=1, help="Number of seeded input batches to compare.")
+]
 DistOpt = Annotated[
     str, typer.Option("--dist", help="Distribution of random float inputs: normal or uniform.")
 ]
@@ -68,7 +85,11 @@ DataOpt = Annotated[
 ]
 MarkdownOpt = Annotated[
     Path | None,
-    typer.Option("--markdown", metavar="FILE", help="Also write the result as Markdown (e.g. $GITHUB_STEP_SUMMARY)."),
+    typer.Option(
+        "--markdown",
+        metavar="FILE",
+        help="Also write the result as Markdown (e.g. $GITHUB_STEP_SUMMARY).",
+    ),
 ]
 LevelsOpt = Annotated[
     list[str] | None,
@@ -79,7 +100,9 @@ LevelsOpt = Annotated[
 ]
 JsonOpt = Annotated[
     str | None,
-    typer.Option("--json", metavar="PATH|-", help="Write the report as JSON to PATH, or to stdout with '-'."),
+    typer.Option(
+        "--json", metavar="PATH|-", help="Write the report as JSON to PATH, or to stdout with '-'."
+    ),
 ]
 
 
@@ -105,7 +128,10 @@ def _guard(func):
             import traceback
 
             traceback.print_exc()
-            print("bnfold: internal error (a bug; please report it with the traceback above)", file=sys.stderr)
+            print(
+                "bnfold: internal error (a bug; please report it with the traceback above)",
+                file=sys.stderr,
+            )
             raise typer.Exit(EXIT_BUG) from None
 
     return wrapper
@@ -121,7 +147,12 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
     ] = False,
 ) -> None:
     """bnfold: fold BatchNorm, prove equivalence, measure."""
@@ -149,7 +180,9 @@ def _write_json(payload: dict, dest: str) -> None:
         try:
             Path(dest).write_text(text + "\n", encoding="utf-8")
         except OSError as exc:
-            raise OutputError(f"{dest}: cannot write the JSON report ({exc.strerror or exc})") from None
+            raise OutputError(
+                f"{dest}: cannot write the JSON report ({exc.strerror or exc})"
+            ) from None
 
 
 def _default_output(model: Path) -> Path:
@@ -162,17 +195,34 @@ def _default_output(model: Path) -> Path:
 def fold(
     models: Annotated[
         list[Path],
-        typer.Argument(help="ONNX model(s) to fold: files, directories (every *.onnx below) or glob patterns.", show_default=False),
+        typer.Argument(
+            help="ONNX model(s) to fold: files, directories (every *.onnx below) or glob patterns.",
+            show_default=False,
+        ),
     ],
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Where to write the folded model (one input only; default: MODEL.folded.onnx next to MODEL)."),
+        typer.Option(
+            "-o",
+            "--output",
+            help="Where to write the folded model (one input only; default: MODEL.folded.onnx next to MODEL).",
+        ),
     ] = None,
     output_dir: Annotated[
         Path | None,
-        typer.Option("-O", "--output-dir", envvar="BNFOLD_OUTPUT_DIR", help="Write every folded model here, mirroring the inputs' relative layout (external data included)."),
+        typer.Option(
+            "-O",
+            "--output-dir",
+            envvar="BNFOLD_OUTPUT_DIR",
+            help="Write every folded model here, mirroring the inputs' relative layout (external data included).",
+        ),
     ] = None,
-    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, envvar="BNFOLD_JOBS", help="Worker processes for several models.")] = 1,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "-j", "--jobs", min=1, envvar="BNFOLD_JOBS", help="Worker processes for several models."
+        ),
+    ] = 1,
     verify: Annotated[
         bool,
         typer.Option(
@@ -187,11 +237,19 @@ def fold(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     strict: Annotated[
-        bool, typer.Option("--strict", envvar="BNFOLD_STRICT", help="Exit 1 when any BatchNormalization is kept (the output is still written).")
+        bool,
+        typer.Option(
+            "--strict",
+            envvar="BNFOLD_STRICT",
+            help="Exit 1 when any BatchNormalization is kept (the output is still written).",
+        ),
     ] = False,
     bench: Annotated[
         bool,
-        typer.Option("--bench", help="Also time the original against the folded model under ONNX Runtime (see 'bnfold bench')."),
+        typer.Option(
+            "--bench",
+            help="Also time the original against the folded model under ONNX Runtime (see 'bnfold bench').",
+        ),
     ] = False,
     external_data: Annotated[
         bool | None,
@@ -204,8 +262,13 @@ def fold(
     ] = None,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List every BatchNormalization, also on big models.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("-v", "--verbose", help="List every BatchNormalization, also on big models."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")
+    ] = False,
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL(s) and write the folded model(s).
 
@@ -224,8 +287,15 @@ def fold(
     single = len(inputs) == 1 and output_dir is None and not models[0].is_dir()
     if output is not None and not single:
         raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
-    options = dict(verify=verify, input_shapes=shapes, atol=atol, rtol=rtol, seed=seed, strict=strict,
-                   external_data=external_data)
+    options = dict(
+        verify=verify,
+        input_shapes=shapes,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        strict=strict,
+        external_data=external_data,
+    )
     console = _console(json_out == "-")
     if not single:
         _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, quiet)
@@ -244,7 +314,10 @@ def fold(
 
         with _progress(console, enabled=not quiet) as tick:
             report.bench = run_bench(
-                [model, out], input_shapes=shapes or None, seed=seed, labels=["original", "folded"],
+                [model, out],
+                input_shapes=shapes or None,
+                seed=seed,
+                labels=["original", "folded"],
                 progress=(lambda d, n: tick("bench", d, n)) if tick else None,
             )
     if json_out:
@@ -263,7 +336,10 @@ def _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, 
     from .batch import fold_many
     from .report import batch_markdown, render_batch
 
-    tasks = [(src, (output_dir / rel) if output_dir is not None else _default_output(src)) for src, rel in inputs]
+    tasks = [
+        (src, (output_dir / rel) if output_dir is not None else _default_output(src))
+        for src, rel in inputs
+    ]
     total = len(tasks)
     bar = None
     if console.is_terminal and not quiet:
@@ -275,8 +351,14 @@ def _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, 
             TimeElapsedColumn,
         )
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=console, transient=True)
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         bar.start()
         task_id = bar.add_task(f"folding {total} models", total=total)
 
@@ -285,8 +367,13 @@ def _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, 
             bar.update(task_id, completed=done, description=f"folded {Path(item.input).name}")
         elif not quiet:
             # Not a terminal (CI logs): one plain line per model, no control characters.
-            console.print(f"[{done}/{n}] {item.input}: {item.status}" + (f" ({item.error})" if item.error else ""),
-                          markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                f"[{done}/{n}] {item.input}: {item.status}"
+                + (f" ({item.error})" if item.error else ""),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
     try:
         result = fold_many(tasks, jobs=jobs, options=options, on_done=on_done)
@@ -307,15 +394,36 @@ def _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, 
 @app.command()
 @_guard
 def check(
-    models: Annotated[list[Path], typer.Argument(help="ONNX model(s) to check: files, directories or glob patterns.", show_default=False)],
-    allow: Annotated[int, typer.Option("--allow", min=0, envvar="BNFOLD_ALLOW", help="Pass while at most N foldable BatchNorms remain per model.")] = 0,
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="ONNX model(s) to check: files, directories or glob patterns.", show_default=False
+        ),
+    ],
+    allow: Annotated[
+        int,
+        typer.Option(
+            "--allow",
+            min=0,
+            envvar="BNFOLD_ALLOW",
+            help="Pass while at most N foldable BatchNorms remain per model.",
+        ),
+    ] = 0,
     allow_node: Annotated[
         list[str] | None,
-        typer.Option("--allow-node", metavar="NAME", help="A BatchNormalization kept on purpose (repeatable); it never fails the check."),
+        typer.Option(
+            "--allow-node",
+            metavar="NAME",
+            help="A BatchNormalization kept on purpose (repeatable); it never fails the check.",
+        ),
     ] = None,
     against: Annotated[
         Path | None,
-        typer.Option("--against", metavar="ORIGINAL", help="Also verify the (single) model against ORIGINAL, as 'bnfold verify' does."),
+        typer.Option(
+            "--against",
+            metavar="ORIGINAL",
+            help="Also verify the (single) model against ORIGINAL, as 'bnfold verify' does.",
+        ),
     ] = None,
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
@@ -323,7 +431,9 @@ def check(
     seed: SeedOpt = 0,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")
+    ] = False,
 ) -> None:
     """Read-only gate: fail when a model still holds a BatchNormalization that bnfold could fold.
 
@@ -348,9 +458,17 @@ def check(
     console = _console(json_out == "-")
     results = []
     for path, _ in inputs:
-        r = check_model(path, allow_nodes=allow_node or (), against=against, verify_options=verify_options)
-        if r.exit_code == 1 and len(r.foldable) <= allow and not (
-            r.verification is not None and not r.verification and not r.verification.skipped_reason
+        r = check_model(
+            path, allow_nodes=allow_node or (), against=against, verify_options=verify_options
+        )
+        if (
+            r.exit_code == 1
+            and len(r.foldable) <= allow
+            and not (
+                r.verification is not None
+                and not r.verification
+                and not r.verification.skipped_reason
+            )
         ):
             r.exit_code = 0  # within --allow
         results.append(r)
@@ -363,8 +481,16 @@ def check(
     if json_out:
         from .report import SCHEMA_VERSION
 
-        _write_json({"schema_version": SCHEMA_VERSION, "passed": exit_code == 0, "exit_code": exit_code,
-                     "allow": allow, "models": [r.to_dict() for r in results]}, json_out)
+        _write_json(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "passed": exit_code == 0,
+                "exit_code": exit_code,
+                "allow": allow,
+                "models": [r.to_dict() for r in results],
+            },
+            json_out,
+        )
     if markdown is not None or _summary_env():
         _write_markdown(check_markdown(results), markdown)
     if not quiet:
@@ -396,7 +522,9 @@ def _parse_tolerances(specs: list[str] | None) -> dict[str, tuple[float, float]]
         except ValueError:
             atol = rtol = None
         if not sep or not name or atol is None:
-            raise UsageError(f"malformed --tol {spec!r}: expected OUTPUT=ATOL,RTOL, e.g. logits=1e-4,1e-3")
+            raise UsageError(
+                f"malformed --tol {spec!r}: expected OUTPUT=ATOL,RTOL, e.g. logits=1e-4,1e-3"
+            )
         out[name] = (atol, rtol)
     return out
 
@@ -432,7 +560,10 @@ def _check_model_path(path: Path) -> None:
 @_guard
 def verify(
     reference: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
-    candidate: Annotated[Path, typer.Argument(help="The model that should compute the same function.", show_default=False)],
+    candidate: Annotated[
+        Path,
+        typer.Argument(help="The model that should compute the same function.", show_default=False),
+    ],
     input_shape: InputShapeOpt = None,
     data: DataOpt = None,
     samples: SamplesOpt = 1,
@@ -442,16 +573,23 @@ def verify(
     rtol: RtolOpt = None,
     tol: Annotated[
         list[str] | None,
-        typer.Option("--tol", metavar="OUTPUT=ATOL,RTOL", help="Tolerances for one output (repeatable)."),
+        typer.Option(
+            "--tol", metavar="OUTPUT=ATOL,RTOL", help="Tolerances for one output (repeatable)."
+        ),
     ] = None,
     seed: SeedOpt = 0,
     localize: Annotated[
         bool,
-        typer.Option("--localize", help="When outputs differ, find the first intermediate tensor (shared by name) that diverges and name its node."),
+        typer.Option(
+            "--localize",
+            help="When outputs differ, find the first intermediate tensor (shared by name) that diverges and name its node.",
+        ),
     ] = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")
+    ] = False,
 ) -> None:
     """Check that CANDIDATE computes what REFERENCE computes, under ONNX Runtime with optimizations disabled.
 
@@ -466,30 +604,56 @@ def verify(
         _check_model_path(path)
     console = _console(json_out == "-")
     result = verify_models(
-        str(reference), str(candidate), input_shapes=shapes or None, seed=seed, atol=atol, rtol=rtol,
-        output_tolerances=_parse_tolerances(tol) or None, samples=samples, distribution=dist,
-        value_range=_parse_range(value_range), data=batches,
+        str(reference),
+        str(candidate),
+        input_shapes=shapes or None,
+        seed=seed,
+        atol=atol,
+        rtol=rtol,
+        output_tolerances=_parse_tolerances(tol) or None,
+        samples=samples,
+        distribution=dist,
+        value_range=_parse_range(value_range),
+        data=batches,
     )
     located = None
     if localize and not result and not result.skipped_reason:
         from .divergence import localize as run_localize
 
-        located = run_localize(str(reference), str(candidate), input_shapes=shapes or None, seed=seed,
-                               atol=atol, rtol=rtol)
+        located = run_localize(
+            str(reference),
+            str(candidate),
+            input_shapes=shapes or None,
+            seed=seed,
+            atol=atol,
+            rtol=rtol,
+        )
     passed = bool(result) or bool(result.skipped_reason)
     if json_out:
-        payload = {"schema_version": 1, "reference": str(reference), "candidate": str(candidate),
-                   **result.to_dict(), "localize": located.to_dict() if located is not None else None}
+        payload = {
+            "schema_version": 1,
+            "reference": str(reference),
+            "candidate": str(candidate),
+            **result.to_dict(),
+            "localize": located.to_dict() if located is not None else None,
+        }
         _write_json(payload, json_out)
     if markdown is not None or _summary_env():
-        _write_markdown(verification_markdown(result, str(reference), str(candidate), located), markdown)
+        _write_markdown(
+            verification_markdown(result, str(reference), str(candidate), located), markdown
+        )
     if not quiet:
         render_verification(result, console, title=f"{reference} vs {candidate}")
         if located is not None:
-            console.print(("[red]" if located else "") + located.describe() + ("[/]" if located else ""), markup=bool(located))
+            console.print(
+                ("[red]" if located else "") + located.describe() + ("[/]" if located else ""),
+                markup=bool(located),
+            )
             if located.divergence is not None and located.divergence.candidate_chain:
                 chain = " → ".join(str(p) for p in located.divergence.candidate_chain)
-                console.print(f"  candidate nodes since the last matching tensor: {chain}", markup=False)
+                console.print(
+                    f"  candidate nodes since the last matching tensor: {chain}", markup=False
+                )
     console.print("[bold green]PASSED[/]" if passed else "[bold red]FAILED[/]")
     raise typer.Exit(EXIT_OK if passed else EXIT_FAILED)
 
@@ -497,19 +661,62 @@ def verify(
 @app.command()
 @_guard
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="Models to time; the first is the baseline of every ratio.", show_default=False)],
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Models to time; the first is the baseline of every ratio.", show_default=False
+        ),
+    ],
     level: LevelsOpt = None,
-    runs: Annotated[int | None, typer.Option("--runs", min=1, help="Timed runs per model per level (default 200).")] = None,
-    seconds: Annotated[float | None, typer.Option("--seconds", min=0.01, help="Time budget of the timed runs per level, all models together.")] = None,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per model per level first.")] = 10,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="ORT intra-op threads (0: ORT's default). 1 gives the most repeatable numbers.")] = 1,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="First dimension of inputs whose batch dimension is dynamic.")] = None,
+    runs: Annotated[
+        int | None,
+        typer.Option("--runs", min=1, help="Timed runs per model per level (default 200)."),
+    ] = None,
+    seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--seconds",
+            min=0.01,
+            help="Time budget of the timed runs per level, all models together.",
+        ),
+    ] = None,
+    warmup: Annotated[
+        int, typer.Option("--warmup", min=0, help="Untimed runs per model per level first.")
+    ] = 10,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=0,
+            help="ORT intra-op threads (0: ORT's default). 1 gives the most repeatable numbers.",
+        ),
+    ] = 1,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="First dimension of inputs whose batch dimension is dynamic.",
+        ),
+    ] = None,
     input_shape: InputShapeOpt = None,
-    provider: Annotated[str, typer.Option("--provider", help="Execution provider: cpu, cuda, tensorrt or an ORT provider name.")] = "cpu",
+    provider: Annotated[
+        str,
+        typer.Option(
+            "--provider", help="Execution provider: cpu, cuda, tensorrt or an ORT provider name."
+        ),
+    ] = "cpu",
     seed: SeedOpt = 0,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
-    plot_file: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Draw the latency distributions (needs matplotlib: pip install 'bnfold[plot]').")] = None,
+    plot_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE.png",
+            help="Draw the latency distributions (needs matplotlib: pip install 'bnfold[plot]').",
+        ),
+    ] = None,
 ) -> None:
     """Time models under ONNX Runtime, interleaved (A B B A ...), and report each one's latency and its ratio to the first with a bootstrap confidence interval.
 
@@ -526,9 +733,16 @@ def bench(
     console = _console(json_out == "-")
     with _progress(console, enabled=True) as tick:
         result = run_bench(
-            [str(m) for m in models], levels=tuple(level) if level else ("disable", "all"), runs=runs,
-            seconds=seconds, warmup=warmup, intra_op_threads=threads, batch_size=batch_size,
-            input_shapes=shapes or None, provider=provider, seed=seed,
+            [str(m) for m in models],
+            levels=tuple(level) if level else ("disable", "all"),
+            runs=runs,
+            seconds=seconds,
+            warmup=warmup,
+            intra_op_threads=threads,
+            batch_size=batch_size,
+            input_shapes=shapes or None,
+            provider=provider,
+            seed=seed,
             progress=(lambda d, n: tick("bench", d, n)) if tick else None,
         )
     if plot_file is not None:
@@ -569,8 +783,12 @@ class _progress:
         )
 
         self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.console, transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
         )
         self._bar.__enter__()
         return self.update
@@ -578,7 +796,9 @@ class _progress:
     def update(self, phase: str, done: int, total: int) -> None:
         if self._bar is None:
             return
-        label = {"save": "writing tensors", "verify": "verifying", "bench": "timing"}.get(phase, phase)
+        label = {"save": "writing tensors", "verify": "verifying", "bench": "timing"}.get(
+            phase, phase
+        )
         if phase not in self._tasks:
             self._tasks[phase] = self._bar.add_task(label, total=total)
         self._bar.update(self._tasks[phase], completed=done, total=total)

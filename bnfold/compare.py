@@ -237,7 +237,9 @@ def make_inputs(
             f"model; its inputs are: {real}"
         )
     if distribution not in DISTRIBUTIONS:
-        raise UsageError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+        raise UsageError(
+            f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}"
+        )
     if value_range is not None and not (float(value_range[0]) < float(value_range[1])):
         raise UsageError(f"value range {list(value_range)} is empty: LOW must be below HIGH")
     rng = np.random.default_rng(seed)
@@ -263,10 +265,18 @@ def make_inputs(
                     value = np.clip(value, value_range[0], value_range[1])
                 value = value.astype(dtype)
         else:
-            low, high = (_INT_LOW, _INT_HIGH) if value_range is None else (
-                math.ceil(value_range[0]), max(math.ceil(value_range[0]) + 1, math.ceil(value_range[1])))
+            low, high = (
+                (_INT_LOW, _INT_HIGH)
+                if value_range is None
+                else (
+                    math.ceil(value_range[0]),
+                    max(math.ceil(value_range[0]) + 1, math.ceil(value_range[1])),
+                )
+            )
             info = np.iinfo(dtype)
-            value = rng.integers(max(low, info.min), min(high, int(info.max) + 1), size=shape, dtype=dtype)
+            value = rng.integers(
+                max(low, info.min), min(high, int(info.max) + 1), size=shape, dtype=dtype
+            )
         feeds[spec.name] = np.asarray(value, dtype=dtype)
     return feeds
 
@@ -585,18 +595,6 @@ def _model_source(model: Any, what: str) -> str | bytes:
     raise TypeError(f"{what} model must be a path or bytes, got {type(model).__name__}")
 
 
-def _reason(error: Exception) -> str:
-    """The ORT part of an InvalidModelError / OrtRunError message."""
-    text = str(error)
-    for prefix in (
-        "ONNX Runtime cannot load the model: ",
-        "ONNX Runtime failed to run the model: ",
-    ):
-        if text.startswith(prefix):
-            return text[len(prefix) :]
-    return text
-
-
 def _describe_interface(items: Iterable[tuple[str, str]]) -> str:
     return ", ".join(f"{name}: {type_}" for name, type_ in items) or "none"
 
@@ -663,7 +661,7 @@ def verify_models(
         session = _ort.make_session(reference_source, level="disable")
     except InvalidModelError as error:
         return result(
-            skipped_reason=f"ONNX Runtime cannot run the reference model: {_reason(error)}"
+            skipped_reason=f"ONNX Runtime cannot run the reference model: {_ort.error_reason(error)}"
         )
     inputs = [_InputSpec(i.name, i.type, tuple(i.shape or ())) for i in session.get_inputs()]
     outputs = [(o.name, o.type) for o in session.get_outputs()]
@@ -703,8 +701,13 @@ def verify_models(
         batch = dict(data[k]) if data is not None else {}
         shapes = dict(input_shapes or {})
         shapes.update({name: tuple(np.shape(v)) for name, v in batch.items()})
-        feeds = make_inputs(inputs, input_shapes=shapes, seed=seed + k, distribution=distribution,
-                            value_range=value_range)
+        feeds = make_inputs(
+            inputs,
+            input_shapes=shapes,
+            seed=seed + k,
+            distribution=distribution,
+            value_range=value_range,
+        )
         for name, value in batch.items():
             feeds[name] = np.asarray(value).astype(feeds[name].dtype, copy=False)
         return feeds
@@ -719,7 +722,7 @@ def verify_models(
     except _ort.OrtRunError as error:
         return result(
             input_shapes=used_shapes,
-            skipped_reason=f"ONNX Runtime cannot run the reference model: {_reason(error)}",
+            skipped_reason=f"ONNX Runtime cannot run the reference model: {_ort.error_reason(error)}",
         )
     finally:
         del session, first
@@ -732,7 +735,7 @@ def verify_models(
     except InvalidModelError as error:
         return result(
             input_shapes=used_shapes,
-            message=f"ONNX Runtime cannot run the candidate model: {_reason(error)}",
+            message=f"ONNX Runtime cannot run the candidate model: {_ort.error_reason(error)}",
         )
     try:
         message = _interface_mismatch(
@@ -755,7 +758,7 @@ def verify_models(
             except _ort.OrtRunError as error:
                 return result(
                     input_shapes=used_shapes,
-                    message=f"ONNX Runtime cannot run the candidate model: {_reason(error)}",
+                    message=f"ONNX Runtime cannot run the candidate model: {_ort.error_reason(error)}",
                 )
             expected, references[k] = references[k], []  # free as we go
             for accumulator, ref, cand in zip(accumulators, expected, produced, strict=True):
@@ -817,7 +820,11 @@ def load_input_data(specs: Iterable[str]) -> list[dict[str, np.ndarray]]:
     batches: list[dict[str, np.ndarray]] = []
     for spec in specs:
         batch: dict[str, np.ndarray] = {}
-        parts = [str(spec)] if str(spec).endswith(".npz") and "=" not in str(spec) else str(spec).split(",")
+        parts = (
+            [str(spec)]
+            if str(spec).endswith(".npz") and "=" not in str(spec)
+            else str(spec).split(",")
+        )
         for part in parts:
             name, sep, path = part.rpartition("=")
             if not sep and path.endswith(".npz"):
@@ -836,7 +843,9 @@ def _load_npy(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise UsageError(f"{path}: not a .npy array ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        raise UsageError(
+            f"{path}: not a .npy array ({str(exc).splitlines()[0] if str(exc) else exc})"
+        ) from None
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
@@ -846,4 +855,6 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError) as exc:
-        raise UsageError(f"{path}: not a .npz archive ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        raise UsageError(
+            f"{path}: not a .npz archive ({str(exc).splitlines()[0] if str(exc) else exc})"
+        ) from None

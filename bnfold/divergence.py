@@ -394,17 +394,6 @@ def _is_float_type(ort_type: str) -> bool:
     return dtype.kind == "f" or "float" in dtype.name  # ml_dtypes floats have kind "V"
 
 
-def _reason(error: Exception) -> str:
-    text = str(error)
-    for prefix in (
-        "ONNX Runtime cannot load the model: ",
-        "ONNX Runtime failed to run the model: ",
-    ):
-        if text.startswith(prefix):
-            return text[len(prefix) :]
-    return text
-
-
 def _check_tolerance(value: float | None, what: str) -> float | None:
     if value is None:
         return None
@@ -504,7 +493,7 @@ def localize(
                 floats = [n for n in floats if n in set(wanted)]
                 expected = dict(zip(floats, _ort.run(session, feeds, floats), strict=True))
             except (InvalidModelError, _ort.OrtRunError) as error:
-                message = f"ONNX Runtime cannot run the reference model: {_reason(error)}"
+                message = f"ONNX Runtime cannot run the reference model: {_ort.error_reason(error)}"
                 return result(None, checked, len(plan), message)
             finally:
                 session = None
@@ -521,7 +510,7 @@ def localize(
                 names = [n for n, _ in items if n in exposed]
                 produced = dict(zip(names, _ort.run(session, feeds, names), strict=True))
             except (InvalidModelError, _ort.OrtRunError) as error:
-                message = f"ONNX Runtime cannot run the candidate model: {_reason(error)}"
+                message = f"ONNX Runtime cannot run the candidate model: {_ort.error_reason(error)}"
                 return result(None, checked, len(plan), message)
             finally:
                 session = None
