@@ -58,6 +58,10 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "torch":  # bnfold.torch.fold_module(...) without an explicit import; torch itself stays lazy
+        import importlib
+
+        return importlib.import_module("bnfold.torch")
     if name in _LAZY:
         import importlib
 

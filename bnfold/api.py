@@ -53,9 +53,12 @@ class FoldResult:
         return self.report.passed
 
 
-def fold_model(model: ir.Model) -> list[BNDecision]:
-    """Run the fold pass in place on an ``onnx_ir.Model``; return one decision per BatchNorm."""
-    p = BatchNormFoldPass()
+def fold_model(
+    model: ir.Model, *, lower_remaining: bool = False, duplicate_shared: bool = False
+) -> list[BNDecision]:
+    """Run the fold pass in place on an ``onnx_ir.Model``; return one decision per BatchNorm (and per
+    decomposed BN that was folded). The options are those of :class:`BatchNormFoldPass`."""
+    p = BatchNormFoldPass(lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
     p(model)
     return p.decisions
 
@@ -76,6 +79,8 @@ def fold(
     strict: bool = False,
     external_data: bool | None = None,
     progress: ProgressFn | None = None,
+    lower_remaining: bool = False,
+    duplicate_shared: bool = False,
 ) -> FoldResult:
     """Fold every foldable inference-mode BatchNormalization of ``model``.
 
@@ -94,6 +99,11 @@ def fold(
         external_data: force (True) or forbid (False) external data in the output; default: use it
             when the input had it or the output would exceed 2 GB.
         progress: optional ``progress(phase, done, total)`` callback (e.g. for a progress bar).
+        lower_remaining: rewrite every BatchNormalization that stays (inference mode, constant
+            parameters) into ``Mul`` + ``Add``, for runtimes without a BN kernel; its decision stays
+            "kept", with direction "lowered".
+        duplicate_shared: where a producer's output also feeds other nodes, fold into a copy of
+            the producer (costs its compute twice; said in the decision's detail).
 
     Returns:
         A :class:`FoldResult`; a failed verification is a value (``bool(result)`` is False), not an
@@ -132,7 +142,7 @@ def fold(
         # Decide before folding: folded weights are lazy tensors, no longer ExternalTensors.
         use_external = _io.needs_external_data(ir_model) if external_data is None else external_data
         t1 = time.perf_counter()
-        decisions = fold_model(ir_model)
+        decisions = fold_model(ir_model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
         timings["fold"] = time.perf_counter() - t1
 
         report = FoldReport(
@@ -152,7 +162,7 @@ def fold(
             if work is None and out_path is None:
                 work = target.parent
             t2 = time.perf_counter()
-            staged = _io.StagedOutput(target)
+            staged = _io.StagedOutput(target, protected=protected | ({input_path} if input_path else set()))
             staged.write(
                 ir_model,
                 external=use_external,

@@ -9,6 +9,8 @@ its own entry, and the batch's exit code is the worst of them (2 bad input > 1 f
 from __future__ import annotations
 
 __all__ = [
+    "fold_any",
+    "is_torch_input",
     "BatchItem",
     "BatchResult",
     "CheckResult",
@@ -126,13 +128,35 @@ class BatchResult:
         }
 
 
-def _fold_one(task: tuple[str, str | None, dict[str, Any]]) -> BatchItem:
-    """Worker: fold one model; never raises for the user's errors (they become the item's error)."""
+def is_torch_input(path: str | os.PathLike) -> bool:
+    """A PyTorch file (.pt2 ExportedProgram, TorchScript, pickled module), by its first bytes."""
+    p = Path(path)
+    if not p.is_file() or p.suffix == ".onnx":
+        return False
+    from .torch import is_torch_file  # needs no torch
+
+    return is_torch_file(p)
+
+
+def fold_any(model: str | os.PathLike, output: str | os.PathLike, **options: Any):
+    """``bnfold.fold`` for ONNX files, ``bnfold.torch.fold_file`` (export, fold, verify against
+    PyTorch) for PyTorch files. ``trust_pickle`` only applies to PyTorch files."""
+    trust_pickle = options.pop("trust_pickle", False)
+    if is_torch_input(model):
+        from .torch import fold_file
+
+        options.pop("progress", None)
+        return fold_file(model, output, trust_pickle=trust_pickle, **options)
     from .api import fold
 
+    return fold(model, output, **options)
+
+
+def _fold_one(task: tuple[str, str | None, dict[str, Any]]) -> BatchItem:
+    """Worker: fold one model; never raises for the user's errors (they become the item's error)."""
     src, dst, options = task
     try:
-        result = fold(src, dst, **options)
+        result = fold_any(src, dst, **dict(options))
     except BnfoldError as exc:
         return BatchItem(src, dst, exc.exit_code, error=str(exc))
     report = result.report

@@ -185,8 +185,15 @@ def _write_json(payload: dict, dest: str) -> None:
             ) from None
 
 
+_MODEL_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".ts", ".torchscript")
+
+
 def _default_output(model: Path) -> Path:
-    name = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    name = model.name
+    for suffix in _MODEL_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
     return model.with_name(f"{name}.folded.onnx")
 
 
@@ -260,6 +267,13 @@ def fold(
             show_default=False,
         ),
     ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="PyTorch input: load a whole pickled nn.Module (torch.save(model)). Unpickling runs code from the file: use only with files you trust. Default: torch.load(weights_only=True), which refuses it.",
+        ),
+    ] = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     verbose: Annotated[
@@ -296,20 +310,23 @@ def fold(
         strict=strict,
         external_data=external_data,
     )
+    if trust_pickle:
+        options["trust_pickle"] = True  # only PyTorch inputs take it
     console = _console(json_out == "-")
     if not single:
         _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, quiet)
         return
 
-    from .api import fold as api_fold
+    from .batch import fold_any, is_torch_input
     from .report import fold_markdown, render
 
     model = inputs[0][0]
+    model_is_torch = is_torch_input(model)
     out = output if output is not None else _default_output(model)
     with _progress(console, enabled=not quiet) as progress:
-        result = api_fold(model, out, progress=progress, **options)
+        result = fold_any(model, out, progress=progress, **options)
     report = result.report
-    if bench and report.written:
+    if bench and report.written and not model_is_torch:
         from .latency import bench as run_bench
 
         with _progress(console, enabled=not quiet) as tick:

@@ -209,6 +209,20 @@ def _resolve_shape(
 DISTRIBUTIONS = ("normal", "uniform")
 
 
+def _check_input_size(name: str, shape: tuple[int, ...]) -> None:
+    """Refuse a random input that would not fit in memory (it is generated in float64)."""
+    try:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        budget = 8 << 30
+    needed = math.prod(shape) * 8
+    if needed > budget:
+        raise UsageError(
+            f"input {name!r} of shape {list(shape)} would need {needed / 2**30:.3g} GiB to verify; "
+            "give a smaller --input-shape, or use --no-verify"
+        )
+
+
 def make_inputs(
     session_inputs: Iterable[Any],
     *,
@@ -253,6 +267,7 @@ def make_inputs(
                 "and bool tensors are supported"
             ) from None
         shape = _resolve_shape(spec.name, spec.shape, given.get(spec.name))
+        _check_input_size(spec.name, shape)
         if dtype == np.bool_:
             value = rng.random(shape) < 0.5
         elif _is_float(dtype):

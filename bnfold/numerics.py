@@ -26,6 +26,53 @@ All arithmetic happens in float64 and the result is rounded once to the weight's
 bfloat16, float32, float64). Chained folds (Conv → BN → BN) start from the float64 value of the
 previous fold, not from its rounded copy, so rounding still happens once.
 
+Forward folds (the BN folds into the node that *consumes* its output)
+--------------------------------------------------------------------
+A linear node ``z = L_W(y) + b`` applied to ``y = s · x + t`` (per input channel) is
+``L_W(s · x) + L_W(t) + b``: the scale goes into the weight along its *input*-channel axis, and the
+shift becomes the constant ``L_W(T)`` (T: the input-shaped tensor whose channel c is t[c]).
+
+Conv            W is [Cout, Cin/g, k...]; input channel ``c = gi · (Cin/g) + j`` of group ``gi`` meets
+                W[gi·(Cout/g) : (gi+1)·(Cout/g), j]. So view W as [g, Cout/g, Cin/g, k...] and scale
+                axis 2 by s reshaped to [g, 1, Cin/g, 1...]. Without padding (all pads 0, auto_pad
+                NOTSET/VALID) every output position sees the whole kernel, so L_W(T) is the per-channel
+                constant  δ[o] = Σ_{j,k} W[o, j, k] · t[g(o)·Cin/g + j]  and  b' = b + δ.
+                With padding the zeros that Conv pads with are not shifted: at the border L_W(T) sums
+                only the kernel taps that land inside the input. With static spatial sizes this is
+                computed exactly per output position, ``K[o, p] = Σ_k A[o, k] · Π_d m_d[k_d, p_d]``
+                with ``A[o, k] = Σ_j W[o, j, k] · t[g(o)·Cin/g + j]`` and ``m_d[k, p] = 1`` where
+                ``p · stride + k · dilation − pad_begin`` lies inside the input. The pass then folds the
+                interior value δ into the bias and adds the border correction ``K − δ`` (zero inside)
+                with one ``Add``; when t = 0 there is nothing to correct.
+Gemm / MatMul   y is [M, K] (or [N, C, d...] flattened to K = C · D features, channel c covering the
+                contiguous block c·D … (c+1)·D − 1; s and t are repeated D times). With B' = B (or Bᵀ
+                when transB) of shape [K, N]:  α · (s ⊙ x + t) · B' + β · C
+                = α · x · (diag(s) · B') + (α · t · B' + β · C). So row k of B' scales by s[k] (B[k, :]
+                when transB = 0, B[:, k] when transB = 1) and C' = β · C + α · t · B' with β' = 1.
+                MatMul is the same with α = 1 and the bias in a following ``Add`` (created if absent).
+                transA = 1 puts the BN channel on Gemm's M axis: not foldable.
+
+Ops a forward fold may pass through (per channel, between the BN and the linear node):
+
+* ``MaxPool`` / ``GlobalMaxPool``: max(s · x + t) = s · max(x) + t only when s > 0 (a negative scale
+  turns the max into a min); their padding is −∞, which the affine map keeps at −∞.
+* ``AveragePool`` / ``GlobalAveragePool``: an average is affine-equivariant (weights sum to 1) when it
+  averages only real elements: no padding, or ``count_include_pad = 0``.
+* ``Identity``, inference ``Dropout``: the identity.
+* ``Flatten`` (axis 1) and a ``Reshape`` to [N, C·D]: they only rename positions (see above).
+
+Relu, LeakyRelu and other non-linear activations do not commute with an affine map (Relu(s·x+t) is
+not s·Relu(x)+t), so a forward fold never passes through them.
+
+Decomposed BNs
+--------------
+Exporters sometimes lower a BN to ``Mul``/``Add``/``Sub``/``Div`` with constants. Each is a per-channel
+affine map when its constant broadcasts along the channel axis only (shape [C, 1, …, 1] or a scalar,
+right-aligned to the producer's output rank; a [C] constant on an NCHW tensor broadcasts along W and
+is *not* per-channel). They compose in float64:  Mul(c): (s·c, t·c);  Add(c): (s, t + c);
+Sub(y, c): (s, t − c);  Sub(c, y): (−s, c − t);  Div(y, c): (s / c, t / c). Div(c, y) is not affine.
+The composed (s, t) then folds backward like a BN.
+
 A fold is refused (:class:`FoldRefused`, turned into a kept BN with that reason by the pass) when a BN
 parameter is NaN/Inf, when σ² + ε ≤ 0, or when a folded value would overflow the target dtype.
 """
@@ -44,6 +91,14 @@ __all__ = [
     "fold_bias",
     "round_to",
     "per_channel",
+    "fold_conv_input",
+    "conv_input_shift",
+    "conv_pads",
+    "conv_shift_map",
+    "fold_gemm_input",
+    "gemm_input_shift",
+    "repeat_blocks",
+    "affine_step",
 ]
 
 import ml_dtypes
@@ -233,3 +288,144 @@ def fold_matmul(weight: np.ndarray, s: np.ndarray) -> np.ndarray:
     _check_channels(s, w.shape[1], "MatMul")
     w *= s[None, :]
     return w
+
+
+# ------------------------------------------------------------------------------ forward folds
+def _conv_groups(w: np.ndarray, group: int, channels: int) -> tuple[int, int]:
+    """(Cout/g, Cin/g) of a Conv weight [Cout, Cin/g, k...] whose input has ``channels`` channels."""
+    cout, cin_g = w.shape[:2]
+    if group < 1 or cout % group:
+        raise FoldRefused("shape_mismatch", f"Conv weight {list(w.shape)} does not fit group={group}")
+    if cin_g * group != channels:
+        raise FoldRefused(
+            "shape_mismatch", f"BN has {channels} channels but the Conv reads {cin_g * group}"
+        )
+    return cout // group, cin_g
+
+
+def fold_conv_input(weight: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    """Conv weight [Cout, Cin/g, k...] scaled along its input channels (per group), float64."""
+    w = _f64_copy(weight)
+    cout_g, cin_g = _conv_groups(w, group, s.shape[0])
+    spatial = w.shape[2:]
+    view = w.reshape((group, cout_g, cin_g) + spatial)
+    view *= s.reshape((group, 1, cin_g) + (1,) * len(spatial))
+    return w
+
+
+def _tap_sums(weight: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:
+    """A[o, k...] = Σ_j W[o, j, k] · t[g(o)·Cin/g + j], float64."""
+    w = _f64(weight)
+    cout_g, cin_g = _conv_groups(w, group, t.shape[0])
+    spatial = w.shape[2:]
+    w5 = w.reshape((group, cout_g, cin_g) + spatial)
+    a = np.einsum("goj...,gj->go...", w5, t.reshape(group, cin_g))
+    return a.reshape((group * cout_g,) + spatial)
+
+
+def conv_input_shift(weight: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:
+    """δ[o] = Σ_{j,k} W[o, j, k] · t[g(o)·Cin/g + j]: what a per-channel input shift adds to every
+    output position of an unpadded Conv, float64."""
+    a = _tap_sums(weight, t, group)
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+def conv_pads(
+    auto_pad: str,
+    pads: list[int] | None,
+    in_spatial: tuple[int, ...] | None,
+    kernel: tuple[int, ...],
+    strides: list[int],
+    dilations: list[int],
+) -> list[int] | None:
+    """The Conv's explicit pads [begin..., end...]; None when they depend on an unknown input size."""
+    n = len(kernel)
+    if auto_pad in ("", "NOTSET"):
+        return list(pads) if pads else [0] * (2 * n)
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    if in_spatial is None:
+        return None
+    begin, end = [], []
+    for d in range(n):
+        out = -(-in_spatial[d] // strides[d])
+        total = max((out - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 - in_spatial[d], 0)
+        small = total // 2
+        big = total - small
+        if auto_pad == "SAME_LOWER":
+            begin.append(big)
+            end.append(small)
+        else:  # SAME_UPPER: the extra pad goes at the end
+            begin.append(small)
+            end.append(big)
+    return begin + end
+
+
+def conv_shift_map(
+    weight: np.ndarray,
+    t: np.ndarray,
+    group: int,
+    in_spatial: tuple[int, ...],
+    pads: list[int],
+    strides: list[int],
+    dilations: list[int],
+) -> np.ndarray:
+    """K[o, p...]: the output of Conv_W (no bias) on the zero-padded input whose channel c is t[c]
+    everywhere inside, float64, shape [Cout, *output spatial]."""
+    result = _tap_sums(weight, t, group)
+    kernel = weight.shape[2:]
+    n = len(kernel)
+    for d in range(n):
+        k, size, stride, dil = kernel[d], in_spatial[d], strides[d], dilations[d]
+        begin, end = pads[d], pads[n + d]
+        out = (size + begin + end - ((k - 1) * dil + 1)) // stride + 1
+        if out < 1:
+            raise FoldRefused("shape_mismatch", f"Conv output would be empty along spatial axis {d}")
+        pos = np.arange(out)[None, :] * stride + np.arange(k)[:, None] * dil - begin
+        mask = ((pos >= 0) & (pos < size)).astype(np.float64)  # [k, out]
+        result = np.tensordot(result, mask, axes=([1], [0]))  # kernel axis d out, output axis d in
+    return result
+
+
+def fold_gemm_input(b_weight: np.ndarray, s: np.ndarray, *, trans_b: bool) -> np.ndarray:
+    """Gemm B (or a MatMul weight, trans_b=False) scaled along K, float64: rows of B [K, N], or
+    columns of B [N, K] when transB."""
+    bw = _f64_copy(b_weight)
+    if bw.ndim != 2:
+        raise FoldRefused("shape_mismatch", f"weight has rank {bw.ndim}, expected 2")
+    k = bw.shape[1] if trans_b else bw.shape[0]
+    if k != s.shape[0]:
+        raise FoldRefused("shape_mismatch", f"BN covers {s.shape[0]} features, the weight reads K={k}")
+    bw *= s[None, :] if trans_b else s[:, None]
+    return bw
+
+
+def gemm_input_shift(b_weight: np.ndarray, t: np.ndarray, *, trans_b: bool) -> np.ndarray:
+    """t · B' in float64 (B' = Bᵀ when transB): what a per-feature input shift adds to each output."""
+    bw = _f64(b_weight)
+    return bw @ t if trans_b else t @ bw
+
+
+def repeat_blocks(v: np.ndarray, block: int) -> np.ndarray:
+    """Per-channel [C] to per-feature [C · block] for an NC… tensor flattened row-major."""
+    return np.repeat(v, block)
+
+
+def affine_step(
+    s: np.ndarray, t: np.ndarray, op: str, c: np.ndarray, *, const_first: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Compose y = s·x + t with one elementwise op against the per-channel constant ``c`` (float64)."""
+    c = _f64(c)
+    if op == "Mul":
+        return s * c, t * c
+    if op == "Add":
+        return s.copy(), t + c
+    if op == "Sub":
+        return (-s, c - t) if const_first else (s.copy(), t - c)
+    if op == "Div" and not const_first:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s2, t2 = s / c, t / c
+        if not (np.all(np.isfinite(s2)) and np.all(np.isfinite(t2))):
+            raise FoldRefused("invalid_params", "division by a zero or non-finite constant")
+        return s2, t2
+    raise FoldRefused("unsupported_producer", f"{op} with the constant first is not affine")

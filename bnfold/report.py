@@ -14,7 +14,8 @@ JSON schema, version 1::
       "totals": {"batchnorms": int, "folded": int, "kept": int},
       "batchnorms": [
         {"name": str, "graph": str, "status": "folded" | "kept",
-         "direction": "backward" | null,   # how it was folded
+         "direction": "backward" | "forward" | "decomposed" | "lowered" | null,
+                                           # how it was folded (or, for "lowered", rewritten while kept)
          "target": str | null, "target_op": str | null,   # the node it was folded into
          "reason": str | null,             # a SkipReason value when kept
          "detail": str}
@@ -62,6 +63,15 @@ class SkipReason(str, enum.Enum):
     UNSUPPORTED_LAYOUT = "unsupported_layout"
     UNSUPPORTED_DTYPE = "unsupported_dtype"
     IN_SUBGRAPH = "in_subgraph"
+    # PyTorch modules (bnfold.torch.fold_module)
+    NOT_TRACEABLE = "not_traceable"
+    NOT_CALLED = "not_called"
+    MODULE_REUSED = "module_reused"
+    UNKNOWN_LAYOUT = "unknown_layout"
+    HAS_HOOKS = "has_hooks"
+    PADDED_CONSUMER = "padded_consumer"
+    NON_POSITIVE_SCALE = "non_positive_scale"
+    UNKNOWN_SHAPE = "unknown_shape"
 
     @property
     def explanation(self) -> str:
@@ -78,13 +88,21 @@ _EXPLANATIONS = {
     SkipReason.OVERFLOW: "a folded value would overflow the weight's dtype",
     SkipReason.SHAPE_MISMATCH: "BN channel count does not match the producer's output channels",
     SkipReason.NO_PRODUCER: "the BN input is a graph input or constant, not the output of a node",
-    SkipReason.UNSUPPORTED_PRODUCER: "the node before the BN is not Conv/ConvTranspose/Gemm/MatMul",
+    SkipReason.UNSUPPORTED_PRODUCER: "the node before the BN is not Conv/ConvTranspose/Gemm/MatMul, and no node after it can take the fold",
     SkipReason.PRODUCER_OUTPUT_SHARED: "the producer's output is also used elsewhere (another node or a graph output)",
     SkipReason.NON_CONSTANT_WEIGHT: "the producer's weight or bias is not a constant",
     SkipReason.OVERRIDABLE_WEIGHT: "the producer's weight or bias is an initializer that is also a graph input (IR ≥ 4)",
     SkipReason.UNSUPPORTED_LAYOUT: "the BN channel axis is not the producer's output-feature axis",
     SkipReason.UNSUPPORTED_DTYPE: "the weight's dtype is not float16/bfloat16/float32/float64",
-    SkipReason.IN_SUBGRAPH: "the BN is inside a control-flow subgraph or a function",
+    SkipReason.IN_SUBGRAPH: "the BN is inside a subgraph or function and depends on what is bound outside it (a function or loop-body input, or a producer in an enclosing graph)",
+    SkipReason.NOT_TRACEABLE: "the BN is called by forward code that torch.fx cannot trace, so what feeds it is unknown",
+    SkipReason.NOT_CALLED: "no traced forward calls the BN module (unused, or called only on a path the trace did not take)",
+    SkipReason.MODULE_REUSED: "the producer or the BN is also used elsewhere and that call site cannot be rewritten",
+    SkipReason.UNKNOWN_LAYOUT: "which axis the BN normalises is unknown (Linear → BatchNorm1d on an input of unknown rank)",
+    SkipReason.HAS_HOOKS: "the BN or its producer has forward hooks, which could observe or change the value between them",
+    SkipReason.PADDED_CONSUMER: "forward fold: the next Conv pads with zeros (or an AveragePool counts its padding), which the BN's shift would move, and the border cannot be compensated (unknown spatial size, or too large a correction)",
+    SkipReason.NON_POSITIVE_SCALE: "forward fold through MaxPool: max commutes with the BN only where its scale is > 0",
+    SkipReason.UNKNOWN_SHAPE: "forward fold: the static shape it needs (e.g. the size flattened before a Gemm) is unknown",
 }
 
 
@@ -96,7 +114,10 @@ class BNDecision:
     folded: bool
     detail: str
     graph: str = "main"
-    direction: str | None = None  # "backward" when folded into its producer
+    # "backward": folded into its producer; "forward": into the node(s) that consume its output;
+    # "decomposed": a BN lowered to Mul/Add/Sub/Div, folded into its producer; "lowered": kept, but
+    # rewritten to Mul + Add (fold --lower-remaining).
+    direction: str | None = None
     target: str | None = None  # name of the node folded into
     target_op: str | None = None
     reason: SkipReason | None = None

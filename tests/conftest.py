@@ -327,3 +327,27 @@ def lit(array: np.ndarray) -> str:
     dims = ",".join(str(d) for d in array.shape)
     values = ", ".join(repr(float(v)) if array.dtype.kind == "f" else str(int(v)) for v in array.reshape(-1))
     return f"{type_name}[{dims}] {{{values}}}"
+
+
+def write_unfoldable_model(path) -> None:
+    """X → Conv → Relu → BatchNormalization → Relu → Y: the BN has nothing to fold into on either
+    side (Relu does not commute with a per-channel affine map), so bnfold keeps it."""
+    rng = np.random.default_rng(7)
+    inits = {
+        "W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "scale": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+        "B": rng.standard_normal(4).astype(np.float32),
+        "mean": rng.standard_normal(4).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, 4).astype(np.float32),
+    }
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,8,8] X) => (float[N,4,8,8] Y) {
+            c = Conv <pads = [1, 1, 1, 1]> (X, W)
+            r = Relu (c)
+            b = BatchNormalization (r, scale, B, mean, var)
+            Y = Relu (b)
+        }""",
+        inits,
+    )
+    onnx.save(model, str(path))

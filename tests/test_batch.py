@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import write_unfoldable_model
 from typer.testing import CliRunner
 
 from bnfold.batch import expand_inputs
@@ -25,11 +26,11 @@ def invoke(*args, env=None):
 
 @pytest.fixture
 def tree(tmp_path) -> Path:
-    """models/{cnn1d,keras_style}.onnx, models/sub/{mlp_bn,broken}.onnx."""
+    """models/{cnn1d,kept_bn}.onnx, models/sub/{mlp_bn,broken}.onnx (kept_bn: a BN nothing can fold)."""
     models = tmp_path / "models"
     (models / "sub").mkdir(parents=True)
     shutil.copy(SAMPLES / "cnn1d.onnx", models / "cnn1d.onnx")
-    shutil.copy(SAMPLES / "keras_style.onnx", models / "keras_style.onnx")
+    write_unfoldable_model(models / "kept_bn.onnx")
     shutil.copy(SAMPLES / "mlp_bn.onnx", models / "sub" / "mlp_bn.onnx")
     (models / "sub" / "broken.onnx").write_bytes(b"this is not a model")
     return tmp_path
@@ -37,9 +38,9 @@ def tree(tmp_path) -> Path:
 
 def test_expand_inputs_mirrors_layout_and_accepts_globs(tree):
     found = expand_inputs([tree / "models"])
-    assert [str(rel) for _, rel in found] == ["cnn1d.onnx", "keras_style.onnx", "sub/broken.onnx", "sub/mlp_bn.onnx"]
+    assert [str(rel) for _, rel in found] == ["cnn1d.onnx", "kept_bn.onnx", "sub/broken.onnx", "sub/mlp_bn.onnx"]
     globbed = expand_inputs([str(tree / "models" / "*.onnx")])
-    assert [p.name for p, _ in globbed] == ["cnn1d.onnx", "keras_style.onnx"]
+    assert [p.name for p, _ in globbed] == ["cnn1d.onnx", "kept_bn.onnx"]
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -48,7 +49,7 @@ def test_batch_with_a_failing_model_in_the_middle(tree, jobs):
     result = invoke("fold", tree / "models", "-O", out, "--jobs", jobs, "--json", "-")
     assert result.exit_code == 2, result.output  # the worst result: one bad input
     report = json.loads(result.stdout)
-    assert [Path(m["input"]).name for m in report["models"]] == ["cnn1d.onnx", "keras_style.onnx", "broken.onnx", "mlp_bn.onnx"]
+    assert [Path(m["input"]).name for m in report["models"]] == ["cnn1d.onnx", "kept_bn.onnx", "broken.onnx", "mlp_bn.onnx"]
     broken = report["models"][2]
     assert broken["exit_code"] == 2 and "not a valid ONNX model" in broken["error"]
     assert all(m["passed"] for k, m in enumerate(report["models"]) if k != 2)
@@ -78,14 +79,14 @@ def test_check_exit_codes_and_allow_list(tree, tmp_path):
     foldable = report["models"][0]["foldable"]
     assert [f["target_op"] for f in foldable] == ["Conv", "Conv"]
     assert model.read_bytes() == before and sorted(p.name for p in model.parent.iterdir()) == [
-        "cnn1d.onnx", "keras_style.onnx", "sub"]  # read-only
+        "cnn1d.onnx", "kept_bn.onnx", "sub"]  # read-only
 
     assert invoke("check", model, "--allow", "2").exit_code == 0
     assert invoke("check", model, "--allow", "1").exit_code == 1
     names = [f["name"] for f in foldable]
     allowed = sum((["--allow-node", n] for n in names), [])
     assert invoke("check", model, *allowed).exit_code == 0
-    assert invoke("check", tree / "models" / "keras_style.onnx").exit_code == 0  # kept BNs are not foldable
+    assert invoke("check", tree / "models" / "kept_bn.onnx").exit_code == 0  # kept BNs are not foldable
     assert invoke("check", tree / "models" / "sub" / "broken.onnx").exit_code == 2
 
 
@@ -94,7 +95,7 @@ def test_check_against_original(tree):
     assert invoke("fold", tree / "models" / "cnn1d.onnx", "-o", folded, "-q").exit_code == 0
     ok = invoke("check", folded, "--against", tree / "models" / "cnn1d.onnx")
     assert ok.exit_code == 0, ok.output
-    wrong = invoke("check", folded, "--against", tree / "models" / "keras_style.onnx")
+    wrong = invoke("check", folded, "--against", tree / "models" / "kept_bn.onnx")
     assert wrong.exit_code == 1
 
 
@@ -102,10 +103,10 @@ def test_markdown_outputs_and_step_summary(tree, tmp_path):
     summary = tmp_path / "summary.md"
     md = tmp_path / "fold.md"
     env = {"GITHUB_STEP_SUMMARY": str(summary)}
-    result = invoke("fold", tree / "models" / "keras_style.onnx", "-o", tree / "k.onnx", "--markdown", md, env=env)
+    result = invoke("fold", tree / "models" / "kept_bn.onnx", "-o", tree / "k.onnx", "--markdown", md, env=env)
     assert result.exit_code == 0
     text = md.read_text()
-    assert "### bnfold fold: PASSED" in text and "unsupported_producer" in text
+    assert "### bnfold fold: PASSED" in text and "unsupported_producer" in text and "Relu" in text
     check = invoke("check", tree / "models" / "cnn1d.onnx", env=env)
     assert check.exit_code == 1
     combined = summary.read_text()
@@ -114,7 +115,7 @@ def test_markdown_outputs_and_step_summary(tree, tmp_path):
 
 
 def test_environment_variables(tree):
-    model = tree / "models" / "keras_style.onnx"
+    model = tree / "models" / "kept_bn.onnx"
     result = invoke("fold", model, "-o", tree / "k.onnx", env={"BNFOLD_STRICT": "1"})
     assert result.exit_code == 1  # BNFOLD_STRICT is --strict
     help_text = invoke("fold", "--help").output
