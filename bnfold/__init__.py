@@ -36,6 +36,7 @@ __all__ = [
     "BenchResult",
     "localize",
     "LocalizeResult",
+    "inspect",
 ]
 
 _LAZY = {
@@ -53,6 +54,7 @@ _LAZY = {
     "bench": ("bnfold.latency", "bench"),
     "BenchResult": ("bnfold.latency", "BenchResult"),
     "localize": ("bnfold.divergence", "localize"),
+    "inspect": ("bnfold.dryrun", "inspect_model"),
     "LocalizeResult": ("bnfold.divergence", "LocalizeResult"),
 }
 

@@ -267,6 +267,14 @@ def fold(
             show_default=False,
         ),
     ] = None,
+    lower_remaining: Annotated[
+        bool,
+        typer.Option("--lower-remaining", help="Rewrite every BatchNormalization that stays into Mul + Add (for runtimes without a BN kernel); they are still reported as kept."),
+    ] = False,
+    duplicate_shared: Annotated[
+        bool,
+        typer.Option("--duplicate-shared", help="Where a producer's output also feeds other nodes, fold into a copy of the producer (costs compute; stated in the report)."),
+    ] = False,
     trust_pickle: Annotated[
         bool,
         typer.Option(
@@ -310,6 +318,8 @@ def fold(
         strict=strict,
         external_data=external_data,
     )
+    if lower_remaining or duplicate_shared:
+        options.update(lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
     if trust_pickle:
         options["trust_pickle"] = True  # only PyTorch inputs take it
     console = _console(json_out == "-")
@@ -346,6 +356,34 @@ def fold(
     else:
         render(report, console, verbose=verbose)
     raise typer.Exit(report.exit_code)
+
+
+@app.command()
+@_guard
+def inspect(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to inspect.", show_default=False)],
+    lower_remaining: Annotated[bool, typer.Option("--lower-remaining", help="As in 'bnfold fold'.")] = False,
+    duplicate_shared: Annotated[bool, typer.Option("--duplicate-shared", help="As in 'bnfold fold'.")] = False,
+    json_out: JsonOpt = None,
+    markdown: MarkdownOpt = None,
+) -> None:
+    """Dry run: list every BatchNormalization with what 'bnfold fold' would do (backward, forward, decomposed, kept) and why, and the node it would fold into. Nothing is written.
+
+    Exit codes: 0 inspected; 2 bad input or usage.
+    """
+    from .dryrun import inspect_model
+    from .report import fold_markdown, render
+
+    _check_model_path(model)
+    console = _console(json_out == "-")
+    report = inspect_model(model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
+    report.input = str(model)
+    if json_out:
+        _write_json(report.to_dict(), json_out)
+    if markdown is not None or _summary_env():
+        _write_markdown(fold_markdown([report]).replace("### bnfold fold", "### bnfold inspect", 1), markdown)
+    render(report, console, verbose=True, dry_run=True)
+    raise typer.Exit(EXIT_OK)
 
 
 def _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, quiet) -> None:

@@ -591,6 +591,16 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                     dims = [a if a is not None else b for a, b in zip(dims, more, strict=True)]
         return dims
 
+    def _dtype_of(self, value: ir.Value | None) -> ir.DataType | None:
+        """The element type of ``value``: declared, or from ONNX shape inference (run once)."""
+        if value is None:
+            return None
+        if value.dtype is not None:
+            return value.dtype
+        self._inferred_shapes()
+        entry = getattr(self, "_inferred_dtypes", {}).get(id(value))
+        return entry[1] if entry is not None and entry[0] is value else None
+
     def _rank_of(self, value: ir.Value | None) -> int | None:
         if value is not None and value.shape is not None:
             return len(value.shape)
@@ -618,6 +628,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
             # Keyed by id, holding the value itself: a removed value's id cannot be reused meanwhile.
             self._inferred = {id(v): (v, v.shape) for v in values if v.shape is not None}
+            self._inferred_dtypes = {id(v): (v, v.dtype) for v in values if v.dtype is not None}
         except Exception as exc:  # noqa: BLE001 - inference is best effort: shapes stay unknown
             logger.debug("shape inference failed: %s", exc)
         finally:
@@ -1313,7 +1324,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         """Rewrite a kept inference BN as Mul + Add (``lower_remaining``)."""
         x, y = bn.inputs[0], bn.outputs[0]
         rank = self._rank_of(x) or self._rank_of(y)
-        dtype = (x.dtype if x is not None else None) or y.dtype
+        dtype = self._dtype_of(x) or self._dtype_of(y)
         why = None
         if rank is None or rank < 2:
             why = "the rank of its input is unknown"

@@ -217,7 +217,7 @@ def _fmt_err(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def render(report: FoldReport, console: Any, *, verbose: bool = False) -> None:
+def render(report: FoldReport, console: Any, *, verbose: bool = False, dry_run: bool = False) -> None:
     """Draw the report on a rich Console: BN table, verification table, timings, PASSED/FAILED."""
     from rich.table import Table
 
@@ -233,7 +233,8 @@ def render(report: FoldReport, console: Any, *, verbose: bool = False) -> None:
         rows = report.kept
     for d in rows:
         if d.folded:
-            table.add_row(d.name, "[green]folded[/]", f"{d.target_op} {d.target}", d.detail)
+            how = f"[green]folded[/] ({d.direction})" if d.direction and d.direction != "backward" else "[green]folded[/]"
+            table.add_row(d.name, how, f"{d.target_op} {d.target}", d.detail)
         else:
             table.add_row(d.name, "[yellow]kept[/]", d.reason.value if d.reason else "", d.detail)
     if rows is not report.decisions and report.folded:
@@ -251,6 +252,9 @@ def render(report: FoldReport, console: Any, *, verbose: bool = False) -> None:
         f"{len(report.kept)} kept. Nodes: {report.nodes_before} → {report.nodes_after}."
     )
 
+    if dry_run:
+        console.print("Dry run: nothing written. 'bnfold fold' would do the above and verify the result.")
+        return
     v = report.verification
     if v is not None:
         render_verification(v, console)

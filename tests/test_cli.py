@@ -325,3 +325,30 @@ def test_fold_bench_adds_the_comparison(tmp_path):
     assert result.exit_code == 0, result.output
     bench = json.loads(result.stdout)["bench"]
     assert [r["model"] for r in bench["ratios"]] == ["folded", "folded"]
+
+
+def test_inspect_is_a_dry_run(tmp_path):
+    model = tmp_path / "k.onnx"
+    shutil.copy(SAMPLES / "keras_style.onnx", model)
+    result = invoke("inspect", model, "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [b["direction"] for b in report["batchnorms"]] == ["forward", "forward"]
+    assert [b["target_op"] for b in report["batchnorms"]] == ["Conv", "Gemm"]
+    assert report["written"] is False and report["verification"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.onnx"]  # nothing written
+    assert invoke("inspect", tmp_path / "missing.onnx").exit_code == 2
+
+
+def test_fold_lower_remaining_removes_every_batchnorm(tmp_path):
+    from conftest import write_unfoldable_model
+
+    model = tmp_path / "kept.onnx"
+    write_unfoldable_model(model)
+    out = tmp_path / "lowered.onnx"
+    result = invoke("fold", model, "-o", out, "--lower-remaining", "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(b["status"], b["direction"]) for b in report["batchnorms"]] == [("kept", "lowered")]
+    assert report["verification"]["passed"] is True
+    assert not [n for n in onnx.load(str(out)).graph.node if n.op_type == "BatchNormalization"]
