@@ -391,12 +391,16 @@ def measure_script(name: str, script: str, model: ModelInfo, run_dir: Path) -> M
 def check_folded(model: ModelInfo, folded: Path) -> list[str]:
     """Structural checks of a folded output; returns the problems found (empty when fine)."""
     problems = []
-    data = folded.with_name(folded.name + ".data")
     if not folded.is_file():
         return [f"{folded} does not exist"]
-    if not data.is_file():
-        problems.append(f"{data} does not exist")
     proto = onnx.load(str(folded), load_external_data=False)
+    # bnfold names the data NAME.data, or NAME.<8 hex>.data when that name was taken
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    if not locations:
+        problems.append("the folded model has no external data")
+    for location in sorted(locations):
+        if not (folded.parent / location).is_file():
+            problems.append(f"{folded.parent / location} does not exist")
     ops = [n.op_type for n in proto.graph.node]
     if ops.count("BatchNormalization"):
         problems.append(f"{ops.count('BatchNormalization')} BatchNormalization node(s) left")

@@ -2,10 +2,11 @@
 
 Loading validates before it trusts. The file must exist, be at most 2 GB (protobuf's limit) and parse
 as a ModelProto with a graph. The graph must be well formed: every name a node reads is defined (in
-its graph or an enclosing one), no name is defined twice in one graph, there is no cycle, the ops
-bnfold reads (BatchNormalization, Conv, Gemm...) have the arity and attribute types of their schema,
-and every tensor's data matches its declared dtype and shape (so nothing is allocated for absurd
-dimensions). Every external-data reference must stay inside the model's folder (no absolute paths, no
+its graph or an enclosing one), no name is defined twice in one graph, there is no cycle (nodes out
+of order are accepted, as ONNX Runtime accepts them), the ops bnfold reads (BatchNormalization, Conv,
+Gemm, MaxPool...) have the arity, attribute types and attribute ranges of their schema, text is valid
+UTF-8, and every tensor's data matches its declared dtype and shape (so nothing is allocated for
+absurd dimensions). Every external-data reference must stay inside the model's folder (no absolute paths, no
 ``..``, no symlink that leads out), name an existing regular file, and lie within it. Any violation is
 an :class:`~bnfold.errors.InvalidModelError` with one line that names the culprit. Weights stay
 memory-mapped by onnx_ir; nothing is read until it is needed.
@@ -71,8 +72,20 @@ def _first_line(exc: BaseException) -> str:
 _SCHEMA_CHECKED_OPS = frozenset({
     "BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
     "Identity", "Constant", "ConstantOfShape", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Cast",
-    "CastLike", "Shape", "Sqrt", "Reciprocal", "Neg",
+    "CastLike", "Shape", "Sqrt", "Reciprocal", "Neg", "MaxPool", "AveragePool", "GlobalMaxPool",
+    "GlobalAveragePool", "Flatten", "Dropout",
 })
+#: attribute values the spec bounds, for the ops the fold reads: (op types, attribute, lowest value)
+_ATTRIBUTE_MINIMUM = [
+    (("Conv", "ConvTranspose", "MaxPool", "AveragePool"), "strides", 1),
+    (("Conv", "ConvTranspose", "MaxPool", "AveragePool"), "dilations", 1),
+    (("Conv", "ConvTranspose", "MaxPool", "AveragePool"), "kernel_shape", 1),
+    (("Conv", "ConvTranspose", "MaxPool", "AveragePool"), "pads", 0),
+    (("ConvTranspose",), "output_padding", 0),
+    (("Conv", "ConvTranspose"), "group", 1),
+]
+_ATTRIBUTE_FLAGS = {("Gemm", "transA"), ("Gemm", "transB"), ("BatchNormalization", "training_mode"),
+                    ("BatchNormalization", "spatial"), ("BatchNormalization", "is_test")}
 _SUB_BYTE_BITS = {
     onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4,
     **{getattr(onnx.TensorProto, n): 4 for n in ("FLOAT4E2M1",) if hasattr(onnx.TensorProto, n)},
@@ -314,6 +327,17 @@ class _StructureChecker:
                 raise InvalidModelError(
                     f"{self.where}: {_node_label(node)}: attribute {attr.name!r} has type {got}, "
                     f"expected {want}"
+                )
+            values = list(attr.ints) if attr.type == onnx.AttributeProto.INTS else [attr.i]
+            for ops, name, lowest in _ATTRIBUTE_MINIMUM:
+                if node.op_type in ops and attr.name == name and any(v < lowest for v in values):
+                    raise InvalidModelError(
+                        f"{self.where}: {_node_label(node)}: attribute {name} = {values} must be "
+                        f">= {lowest}"
+                    )
+            if (node.op_type, attr.name) in _ATTRIBUTE_FLAGS and attr.i not in (0, 1):
+                raise InvalidModelError(
+                    f"{self.where}: {_node_label(node)}: attribute {attr.name} = {attr.i} must be 0 or 1"
                 )
 
 

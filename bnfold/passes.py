@@ -372,7 +372,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         if extra and self._opset < 14:
             # ONNX Runtime runs a pre-14 BN that declares statistics outputs in training mode.
             raise _Keep(SkipReason.TRAINING_MODE, f"declares {len(extra)} statistics output(s), so it runs in training mode")
-        epsilon = float(_attr(bn, "epsilon", 1e-5))
+        epsilon = float(_attr(bn, "epsilon", np.float32(1e-5)))  # the default is a FLOAT attribute: 1e-5 in float32
         names = ("scale", "B", "mean", "var")
         params = []
         for name, value in zip(names, bn.inputs[1:5], strict=True):
@@ -1354,6 +1354,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
     # ------------------------------------------------------------------ rewiring helpers
     def _check_range(self, values: np.ndarray, dtype: np.dtype, what: str) -> None:
         limit = float(ml_dtypes.finfo(dtype).max)
+        values = np.where(np.isnan(values), 0.0, values)  # a NaN weight stays NaN; it must not hide an overflow
         if values.size and float(np.max(values)) > limit:
             raise FoldRefused("overflow", f"folded {what} would reach {float(np.max(values)):.3g}, beyond the {dtype} maximum {limit:.3g}")
 

@@ -274,7 +274,6 @@ def test_deepest_parseable_nesting_is_handled(folder):
 
 # --------------------------------------------------------------------------------------- graphs
 def _graph_case(case: str) -> tuple[onnx.ModelProto, str]:
-    conv = helper.make_node("Conv", ["X", "W"], ["c"], name="conv")
     bn = helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["Y"], name="bn")
     m = conv_bn()
     g = m.graph
@@ -321,6 +320,15 @@ def _graph_case(case: str) -> tuple[onnx.ModelProto, str]:
     if case == "group-is-a-float":
         g.node[0].attribute.append(helper.make_attribute("group", 1.5))
         return m, "attribute 'group' has type FLOAT"
+    if case == "zero-stride":
+        g.node[0].attribute.append(helper.make_attribute("strides", [0, 1]))
+        return m, "strides = [0, 1] must be >= 1"
+    if case == "negative-group":
+        g.node[0].attribute.append(helper.make_attribute("group", -(2**40)))
+        return m, "must be >= 1"
+    if case == "training-mode-7":
+        g.node[1].attribute.append(helper.make_attribute("training_mode", 7))
+        return m, "training_mode = 7 must be 0 or 1"
     if case == "dangling-in-subgraph":
         body = helper.make_graph([helper.make_node("Identity", ["ghost"], ["o"])], "body", [],
                                  [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
@@ -338,7 +346,8 @@ def _graph_case(case: str) -> tuple[onnx.ModelProto, str]:
 @pytest.mark.parametrize("case", [
     "cycle", "cycle-off-path", "self-loop", "dangling-input", "dangling-output", "duplicate-output",
     "output-shadows-initializer", "duplicate-initializer", "duplicate-input", "bn-without-outputs",
-    "bn-three-inputs", "epsilon-is-a-string", "group-is-a-float", "dangling-in-subgraph",
+    "bn-three-inputs", "epsilon-is-a-string", "group-is-a-float", "zero-stride", "negative-group",
+    "training-mode-7", "dangling-in-subgraph",
     "sparse-initializer",
 ])
 def test_malformed_graph(folder, case):
@@ -476,7 +485,7 @@ def _external_input(folder: Path) -> Path:
     ("directory", "is a directory"),
     ("missing-folder", "does not exist"),
     ("parent-is-a-file", "not a folder"),
-    ("proc", "cannot write"),
+    ("proc", "/proc"),
 ])
 def test_bad_output_path(folder, case, expect):
     src = _external_input(folder)
