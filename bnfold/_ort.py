@@ -141,7 +141,7 @@ def make_session(
             f"unknown optimization level {level!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}"
         )
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # FATAL only: run and load errors reach the caller as exceptions
     options.graph_optimization_level = getattr(
         ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level]
     )

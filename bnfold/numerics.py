@@ -98,6 +98,8 @@ __all__ = [
     "fold_gemm_input",
     "gemm_input_shift",
     "repeat_blocks",
+    "mean_to_spread",
+    "HALF_PRECISION_MEAN_LIMIT",
     "affine_step",
 ]
 
@@ -429,3 +431,15 @@ def affine_step(
             raise FoldRefused("invalid_params", "division by a zero or non-finite constant")
         return s2, t2
     raise FoldRefused("unsupported_producer", f"{op} with the constant first is not affine")
+
+
+# A float16/bfloat16 BN whose |mean|/std exceeds this is kept: folding it moves the cancellation
+# x − μ into rounded weights and biases, losing about log2(|μ|/σ) of the format's 8 or 11 bits.
+HALF_PRECISION_MEAN_LIMIT = 16.0
+
+
+def mean_to_spread(mean: np.ndarray, var: np.ndarray, epsilon: float) -> np.ndarray:
+    """Per channel |μ| / √(σ² + ε), in float64 (inf where σ² + ε ≤ 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spread = np.sqrt(np.maximum(_f64(var) + np.float64(epsilon), 0.0))
+        return np.where(spread > 0, np.abs(_f64(mean)) / spread, np.inf)

@@ -63,6 +63,7 @@ class SkipReason(str, enum.Enum):
     UNSUPPORTED_LAYOUT = "unsupported_layout"
     UNSUPPORTED_DTYPE = "unsupported_dtype"
     IN_SUBGRAPH = "in_subgraph"
+    PRECISION_LOSS = "precision_loss"
     # PyTorch modules (bnfold.torch.fold_module)
     NOT_TRACEABLE = "not_traceable"
     NOT_CALLED = "not_called"
@@ -94,6 +95,7 @@ _EXPLANATIONS = {
     SkipReason.OVERRIDABLE_WEIGHT: "the producer's weight or bias is an initializer that is also a graph input (IR ≥ 4)",
     SkipReason.UNSUPPORTED_LAYOUT: "the BN channel axis is not the producer's output-feature axis",
     SkipReason.UNSUPPORTED_DTYPE: "the weight's dtype is not float16/bfloat16/float32/float64",
+    SkipReason.PRECISION_LOSS: "a float16/bfloat16 BN whose mean is more than 16x its spread: the fold would lose precision",
     SkipReason.IN_SUBGRAPH: "the BN is inside a subgraph or function and depends on what is bound outside it (a function or loop-body input, or a producer in an enclosing graph)",
     SkipReason.NOT_TRACEABLE: "the BN is called by forward code that torch.fx cannot trace, so what feeds it is unknown",
     SkipReason.NOT_CALLED: "no traced forward calls the BN module (unused, or called only on a path the trace did not take)",

@@ -568,7 +568,7 @@ OVERFLOW_CASES = {  # op: (X type, Y type, producer line, weight shape); 4 outpu
 @pytest.mark.parametrize("op", list(OVERFLOW_CASES))
 def test_float16_overflow_kept(op):
     x_shape, y_shape, line, w_shape = OVERFLOW_CASES[op]
-    params = _with(_with(bn_params(4, np.float16), "scale", 0, 30000.0), "var", 0, 0.0)  # s ≈ 9.5e6
+    params = _with(_with(_with(bn_params(4, np.float16), "scale", 0, 30000.0), "var", 0, 0.0), "mean", 0, 0.0)  # s ≈ 9.5e6
     model = model_from_text(f"""{H17}
         g (float16{x_shape} X) => (float16{y_shape} Y) {{
             {line}
@@ -698,3 +698,28 @@ def test_pass_reports_unmodified_when_everything_is_kept():
     assert [d.reason for d in fold_pass.decisions] == [SkipReason.INVALID_PARAMS]
     assert count_op(ir.serde.serialize_model(ir_model), "BatchNormalization") == 1
     assert not unused_initializers(ir.serde.serialize_model(ir_model))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_half_precision_bn_with_a_large_mean_is_kept(dtype):
+    """|mean|/std = 50 > 16: the fold would move the cancellation x − μ into rounded weights."""
+    params = bn_params(6, np.float32)
+    params["mean"][:] = 50.0
+    params["var"][:] = 1.0
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    opset = 17 if dtype == np.float16 else 22
+    elem = "float16" if dtype == np.float16 else "bfloat16"
+    model = model_from_text(f"""<ir_version: 10, opset_import: ["" : {opset}]>
+        g ({elem}[2,4,5,5] X) => ({elem}[2,6,5,5] Y) {{
+            c = Conv <pads = [1, 1, 1, 1]> (X, W)
+            Y = {BN}
+        }}""", {"W": randn(6, 4, 3, 3, dtype=dtype, seed=1), **params})
+    result = assert_kept(model, SkipReason.PRECISION_LOSS, run=None)
+    assert "|mean|/std = 50" in result.decisions[0].detail
+
+
+def test_float32_bn_with_a_large_mean_still_folds():
+    params = bn_params(6)
+    params["mean"][:] = 50.0
+    params["var"][:] = 1.0
+    assert_folds(conv_bn_model(params=params), 1)

@@ -422,7 +422,7 @@ def test_one_unfoldable_consumer_keeps_the_bn():
 
 def test_float16_overflow_kept():
     params = bn_params(4, np.float16)
-    params["scale"][0], params["var"][0] = 30000.0, 0.0  # s ≈ 9.5e6
+    params["scale"][0], params["var"][0], params["mean"][0] = 30000.0, 0.0, 0.0  # s ≈ 9.5e6
     model = model_from_text(f"""{H17}
         g (float16[2,4,5,5] x) => (float16[2,6,5,5] Y) {{
             {BN}
