@@ -361,7 +361,8 @@ class OutputComparison:
         }
 
 
-def _check_tolerance(value: Any, what: str) -> float:
+def check_tolerance(value: Any, what: str) -> float:
+    """A tolerance as a float; a negative, NaN, infinite or non-numeric one is a UsageError."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -542,8 +543,8 @@ def compare_outputs(
     default_atol, default_rtol = default_tolerances(reference.dtype)
     accumulator = _Accumulator(
         name,
-        _check_tolerance(default_atol if atol is None else atol, "atol"),
-        _check_tolerance(default_rtol if rtol is None else rtol, "rtol"),
+        check_tolerance(default_atol if atol is None else atol, "atol"),
+        check_tolerance(default_rtol if rtol is None else rtol, "rtol"),
     )
     accumulator.add(reference, candidate)
     return accumulator.finish()
@@ -651,12 +652,12 @@ def verify_models(
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise UsageError(f"samples must be an integer >= 1, got {samples!r}")
     samples = int(samples)
-    atol = None if atol is None else _check_tolerance(atol, "atol")
-    rtol = None if rtol is None else _check_tolerance(rtol, "rtol")
+    atol = None if atol is None else check_tolerance(atol, "atol")
+    rtol = None if rtol is None else check_tolerance(rtol, "rtol")
     per_output = {
         name: (
-            _check_tolerance(t[0], f"atol of {name!r}"),
-            _check_tolerance(t[1], f"rtol of {name!r}"),
+            check_tolerance(t[0], f"atol of {name!r}"),
+            check_tolerance(t[1], f"rtol of {name!r}"),
         )
         for name, t in (output_tolerances or {}).items()
     }

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -77,7 +76,7 @@ import onnx_ir as ir
 
 from bnfold import _ort
 from bnfold import io as _io
-from bnfold.compare import OutputComparison, compare_outputs, make_inputs
+from bnfold.compare import OutputComparison, check_tolerance, compare_outputs, make_inputs
 from bnfold.errors import InvalidModelError, UsageError
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Divergence", "LocalizeResult", "Producer", "localize"]
@@ -394,18 +393,6 @@ def _is_float_type(ort_type: str) -> bool:
     return dtype.kind == "f" or "float" in dtype.name  # ml_dtypes floats have kind "V"
 
 
-def _check_tolerance(value: float | None, what: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number >= 0):
-        raise UsageError(f"{what} must be a finite number >= 0, got {value!r}")
-    return number
-
-
 # --- the search ------------------------------------------------------------------------------------
 
 
@@ -437,8 +424,8 @@ def localize(
     tolerances).
     """
     started = time.perf_counter()
-    atol = _check_tolerance(atol, "atol")
-    rtol = _check_tolerance(rtol, "rtol")
+    atol = None if atol is None else check_tolerance(atol, "atol")
+    rtol = None if rtol is None else check_tolerance(rtol, "rtol")
     if (
         isinstance(chunk_size, bool)
         or not isinstance(chunk_size, (int, np.integer))

@@ -785,9 +785,13 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                 lambda gi=gi: arr[gi * cin_g : (gi + 1) * cin_g], 1, cout_g)
         return out
 
-    def _fold_gemm(self, node: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[ir.Node, str, ir.Value]:
+    def _gemm_operands(
+        self, node: ir.Node, label: str
+    ) -> tuple[bool, float, float, _Const, ir.Value | None, _Const | None]:
+        """(transB, alpha, beta, constant B, C value, constant C or None) of a Gemm, for either fold
+        direction; raises _Keep/FoldRefused when B or C is not a usable constant."""
         if len(node.inputs) < 2:
-            raise _Keep(SkipReason.INVALID_PARAMS, "Gemm needs 2 inputs")
+            raise _Keep(SkipReason.INVALID_PARAMS, f"{label} needs 2 inputs")
         trans_b = bool(_attr(node, "transB", 0))
         alpha = float(_attr(node, "alpha", 1.0))
         beta = float(_attr(node, "beta", 1.0))
@@ -796,6 +800,10 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         c = self._weight(c_v, "Gemm C") if c_v is not None else None
         if len(bw.shape) != 2:
             raise FoldRefused("shape_mismatch", f"Gemm B has shape {list(bw.shape)}")
+        return trans_b, alpha, beta, bw, c_v, c
+
+    def _fold_gemm(self, node: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[ir.Node, str, ir.Value]:
+        trans_b, alpha, beta, bw, c_v, c = self._gemm_operands(node, "Gemm")
         n = bw.shape[0] if trans_b else bw.shape[1]
         if s.shape[0] != n:
             raise FoldRefused("shape_mismatch", f"BN has {s.shape[0]} channels, Gemm produces N={n}")
@@ -1122,16 +1130,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         label = f"Gemm {_node_label(node)}"
         if int(_attr(node, "transA", 0)):
             raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"{label}{via} has transA=1: the BN channels are its M axis")
-        if len(node.inputs) < 2:
-            raise _Keep(SkipReason.INVALID_PARAMS, f"{label} needs 2 inputs")
-        trans_b = bool(_attr(node, "transB", 0))
-        alpha = float(_attr(node, "alpha", 1.0))
-        beta = float(_attr(node, "beta", 1.0))
-        bw = self._weight(node.inputs[1], "Gemm B")
-        c_v = node.inputs[2] if len(node.inputs) > 2 else None
-        c = self._weight(c_v, "Gemm C") if c_v is not None else None
-        if len(bw.shape) != 2:
-            raise FoldRefused("shape_mismatch", f"Gemm B has shape {list(bw.shape)}")
+        trans_b, alpha, beta, bw, c_v, c = self._gemm_operands(node, label)
         k = bw.shape[1] if trans_b else bw.shape[0]
         if k != vec.s.shape[0]:
             raise FoldRefused("shape_mismatch", f"{label} reads K={k} features, the BN gives {vec.s.shape[0]}")
