@@ -723,3 +723,14 @@ def test_float32_bn_with_a_large_mean_still_folds():
     params["mean"][:] = 50.0
     params["var"][:] = 1.0
     assert_folds(conv_bn_model(params=params), 1)
+
+
+def test_conv_bias_of_the_wrong_shape_is_kept_not_a_crash():
+    """A corrupt model (bias [3] on a 6-channel Conv): the pass must keep the BN, not raise."""
+    model = model_from_text(f"""{H17}
+        g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
+            c = Conv <pads = [1, 1, 1, 1]> (X, W, Bc)
+            Y = {BN}
+        }}""", {"W": randn(6, 4, 3, 3, seed=1), "Bc": randn(3, seed=2), **bn_params(6)})
+    result = assert_kept(model, SkipReason.SHAPE_MISMATCH, run=None, check=False)
+    assert "bias has shape [3]" in result.decisions[0].detail
