@@ -34,7 +34,9 @@ import bnfold  # noqa: E402
 def models() -> list[Path]:
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
     found = sorted((ROOT / "sample_models").glob("*.onnx"))
-    found += [light / f"light_{n}.onnx" for n in ("resnet50", "densenet121", "inception_v2", "shufflenet")]
+    found += [
+        light / f"light_{n}.onnx" for n in ("resnet50", "densenet121", "inception_v2", "shufflenet")
+    ]
     return [p for p in found if p.exists()]
 
 
@@ -45,8 +47,20 @@ def main() -> None:
     ap.add_argument("--no-bench", action="store_true", help="skip the latency comparison")
     args = ap.parse_args()
 
-    header = ["model", "BN", "folded", "kept (reason)", "nodes", "fold s", "total s", "max abs err",
-              "latency disable", "latency all", "session all", "result"]
+    header = [
+        "model",
+        "BN",
+        "folded",
+        "kept (reason)",
+        "nodes",
+        "fold s",
+        "total s",
+        "max abs err",
+        "latency disable",
+        "latency all",
+        "session all",
+        "result",
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in models():
@@ -57,22 +71,40 @@ def main() -> None:
             reasons = Counter(d.reason.value for d in r.kept)
             kept = ", ".join(f"{n} {k}" for k, n in reasons.items()) or "0"
             v = r.verification
-            err = max((o.max_abs_error for o in v.outputs), default=0.0) if v and not v.skipped_reason else None
+            err = (
+                max((o.max_abs_error for o in v.outputs), default=0.0)
+                if v and not v.skipped_reason
+                else None
+            )
             t = r.timings
             lat = {"disable": "-", "all": "-"}
             create = "-"
             if r.written and not args.no_bench:
-                b = bnfold.bench([path, Path(tmp) / path.name], runs=args.runs, labels=["original", "folded"])
+                b = bnfold.bench(
+                    [path, Path(tmp) / path.name], runs=args.runs, labels=["original", "folded"]
+                )
                 for ratio in b.ratios:
-                    lat[ratio.level] = f"{ratio.median_ratio:.3f} [{ratio.ci_low:.2f}, {ratio.ci_high:.2f}]"
+                    lat[ratio.level] = (
+                        f"{ratio.median_ratio:.3f} [{ratio.ci_low:.2f}, {ratio.ci_high:.2f}]"
+                    )
                     if ratio.level == "all":
                         create = f"{ratio.session_create_ratio:.2f}"
-            rows.append([
-                path.stem, str(len(r.decisions)), str(len(r.folded)), kept,
-                f"{r.nodes_before}→{r.nodes_after}", f"{t.get('fold', 0):.3f}", f"{total:.2f}",
-                "-" if err is None else f"{err:.2g}", lat["disable"], lat["all"], create,
-                "PASSED" if r.passed else "FAILED",
-            ])
+            rows.append(
+                [
+                    path.stem,
+                    str(len(r.decisions)),
+                    str(len(r.folded)),
+                    kept,
+                    f"{r.nodes_before}→{r.nodes_after}",
+                    f"{t.get('fold', 0):.3f}",
+                    f"{total:.2f}",
+                    "-" if err is None else f"{err:.2g}",
+                    lat["disable"],
+                    lat["all"],
+                    create,
+                    "PASSED" if r.passed else "FAILED",
+                ]
+            )
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))

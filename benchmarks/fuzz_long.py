@@ -91,8 +91,19 @@ def _collect(results, tally: fm.Tally, breakdown: dict, imprecise: list) -> None
 
 # ------------------------------------------------------------------------------ corrupted files
 SAMPLES = ROOT / "sample_models"
-_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Relu", "Identity", "BatchNormalization",
-        "Mul", "Flatten", "MaxPool"]
+_OPS = [
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Relu",
+    "Identity",
+    "BatchNormalization",
+    "Mul",
+    "Flatten",
+    "MaxPool",
+]
 
 
 def _mutate_bytes(data: bytearray, rng: random.Random) -> str:
@@ -119,7 +130,11 @@ def _mutate_graph(model, rng: random.Random) -> str:  # noqa: ANN001 - onnx.Mode
     from onnx import helper, numpy_helper
 
     g = model.graph
-    names = [i.name for i in g.input] + [i.name for i in g.initializer] + [o for n in g.node for o in n.output]
+    names = (
+        [i.name for i in g.input]
+        + [i.name for i in g.initializer]
+        + [o for n in g.node for o in n.output]
+    )
     if not g.node:
         return "none"
     n = rng.choice(list(g.node))
@@ -145,7 +160,9 @@ def _mutate_graph(model, rng: random.Random) -> str:  # noqa: ANN001 - onnx.Mode
         if arr.dtype.kind != "f" or not arr.size:
             return "none"
         if k == 3:
-            arr.reshape(-1)[rng.randrange(arr.size)] = rng.choice([np.nan, np.inf, -np.inf, 0.0, 1e30, 65504, 1e-30])
+            arr.reshape(-1)[rng.randrange(arr.size)] = rng.choice(
+                [np.nan, np.inf, -np.inf, 0.0, 1e30, 65504, 1e-30]
+            )
         elif k == 4:
             arr = arr.reshape(tuple(reversed(arr.shape)))
         else:
@@ -162,7 +179,9 @@ def _mutate_graph(model, rng: random.Random) -> str:  # noqa: ANN001 - onnx.Mode
         g.node.append(c)
         return "duplicate"
     if k == 8:
-        g.output.append(helper.make_tensor_value_info(rng.choice(names), onnx.TensorProto.FLOAT, None))
+        g.output.append(
+            helper.make_tensor_value_info(rng.choice(names), onnx.TensorProto.FLOAT, None)
+        )
         return "output"
     model.opset_import[0].version = rng.choice([6, 7, 9, 11, 13, 14, 15, 18, 21])
     return "opset"
@@ -225,11 +244,15 @@ def corrupt(models: int, seed: int, jobs: int) -> int:
     else:
         results = [r for chunk in map(_corrupt_chunk, chunks) for r in chunk]
     codes = Counter(code for _, _, code, _ in results)
-    print(f"bnfold fold on corrupted sample models: seeds {seed}..{seed + models - 1}, "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"files {models}: folded (exit 0) {codes[0]}, refused in one line (exit 2) {codes[2]}, "
-          f"verification failed (exit 1) {codes[1]}, crashed (exit 3) {codes[3]}, "
-          f"traceback or multi-line error {codes[-3] + codes[-2]}")
+    print(
+        f"bnfold fold on corrupted sample models: seeds {seed}..{seed + models - 1}, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        f"files {models}: folded (exit 0) {codes[0]}, refused in one line (exit 2) {codes[2]}, "
+        f"verification failed (exit 1) {codes[1]}, crashed (exit 3) {codes[3]}, "
+        f"traceback or multi-line error {codes[-3] + codes[-2]}"
+    )
     bad = [(s, how, c, m) for s, how, c, m in results if c not in (0, 2)]
     for s, how, c, m in bad:
         print(f"\nexit {c} seed {s} ({how}):\n{m}")
@@ -239,13 +262,27 @@ def corrupt(models: int, seed: int, jobs: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=int, default=5000, help="number of seeds to draw (default 5000)")
+    p.add_argument(
+        "--models", type=int, default=5000, help="number of seeds to draw (default 5000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
-    p.add_argument("--show", action="store_true", help="print each model's spec and outcome (use with few --models)")
-    p.add_argument("--corrupt", action="store_true",
-                   help="instead: run 'bnfold fold' on --models corrupted sample models (random byte edits "
-                        "and structural edits) and count exit codes")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: all cores)",
+    )
+    p.add_argument(
+        "--show",
+        action="store_true",
+        help="print each model's spec and outcome (use with few --models)",
+    )
+    p.add_argument(
+        "--corrupt",
+        action="store_true",
+        help="instead: run 'bnfold fold' on --models corrupted sample models (random byte edits "
+        "and structural edits) and count exit codes",
+    )
     args = p.parse_args(argv)
     if args.corrupt:
         return corrupt(args.models, args.seed, args.jobs)
@@ -268,10 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     m, b = tally.models, tally.bns
     tried = sum(m.values())
-    print(f"bnfold fuzz: seeds {args.seed}..{args.seed + args.models - 1}, {args.jobs} job(s), {elapsed:.0f} s")
-    print(f"models tried {tried} (+{ungenerated} draws that make no valid model); "
-          f"folded {m['folded']}, kept {m['kept']}, imprecise {m['imprecise']}, wrong {m['wrong']}, "
-          f"crashed {m['crash']}, BnfoldError {m['error']}, skipped {m['skipped']}")
+    print(
+        f"bnfold fuzz: seeds {args.seed}..{args.seed + args.models - 1}, {args.jobs} job(s), {elapsed:.0f} s"
+    )
+    print(
+        f"models tried {tried} (+{ungenerated} draws that make no valid model); "
+        f"folded {m['folded']}, kept {m['kept']}, imprecise {m['imprecise']}, wrong {m['wrong']}, "
+        f"crashed {m['crash']}, BnfoldError {m['error']}, skipped {m['skipped']}"
+    )
     print(f"BatchNorms: {sum(b.values())}, folded {b['folded']}, kept {b['kept']}")
     print("kept reasons: " + ", ".join(f"{r} {n}" for r, n in tally.reasons.most_common()))
     print()
@@ -281,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:28}" + "".join(f"{breakdown[key][s]:>10}" for s in statuses))
     if imprecise:
         ratios = sorted(o.offset_ratio for _, o in imprecise)
-        print(f"\nimprecise: {len(imprecise)} models, all with a BN whose max |mean| / std is between "
-              f"{ratios[0]:.3g} and {ratios[-1]:.3g}:")
+        print(
+            f"\nimprecise: {len(imprecise)} models, all with a BN whose max |mean| / std is between "
+            f"{ratios[0]:.3g} and {ratios[-1]:.3g}:"
+        )
         for seed, o in imprecise[:12]:
             print(f"  seed {seed} [{o.dtype}, |mean|/std {o.offset_ratio:.3g}]: {o.message[:160]}")
     for seed, o in tally.failures:

@@ -395,7 +395,9 @@ def check_folded(model: ModelInfo, folded: Path) -> list[str]:
         return [f"{folded} does not exist"]
     proto = onnx.load(str(folded), load_external_data=False)
     # bnfold names the data NAME.data, or NAME.<8 hex>.data when that name was taken
-    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    locations = {
+        e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"
+    }
     if not locations:
         problems.append("the folded model has no external data")
     for location in sorted(locations):

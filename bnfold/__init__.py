@@ -60,7 +60,9 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name == "torch":  # bnfold.torch.fold_module(...) without an explicit import; torch itself stays lazy
+    if (
+        name == "torch"
+    ):  # bnfold.torch.fold_module(...) without an explicit import; torch itself stays lazy
         import importlib
 
         return importlib.import_module("bnfold.torch")

@@ -123,7 +123,11 @@ def fold(
     else:
         ir_model = model
         protected = _io.external_data_files(ir_model)
-    out_path = _io.check_output_path(output, input_path=input_path, protected=protected) if output else None
+    out_path = (
+        _io.check_output_path(output, input_path=input_path, protected=protected)
+        if output
+        else None
+    )
     timings["load"] = time.perf_counter() - t0
 
     work = Path(tempfile.mkdtemp(prefix="bnfold-")) if verify and kind != "path" else None
@@ -142,7 +146,9 @@ def fold(
         # Decide before folding: folded weights are lazy tensors, no longer ExternalTensors.
         use_external = _io.needs_external_data(ir_model) if external_data is None else external_data
         t1 = time.perf_counter()
-        decisions = fold_model(ir_model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
+        decisions = fold_model(
+            ir_model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
+        )
         timings["fold"] = time.perf_counter() - t1
 
         report = FoldReport(
@@ -158,11 +164,17 @@ def fold(
 
         staged = None
         if out_path is not None or verify:
-            target = out_path if out_path is not None else (work or Path(tempfile.mkdtemp(prefix="bnfold-"))) / "folded.onnx"
+            target = (
+                out_path
+                if out_path is not None
+                else (work or Path(tempfile.mkdtemp(prefix="bnfold-"))) / "folded.onnx"
+            )
             if work is None and out_path is None:
                 work = target.parent
             t2 = time.perf_counter()
-            staged = _io.StagedOutput(target, protected=protected | ({input_path} if input_path else set()))
+            staged = _io.StagedOutput(
+                target, protected=protected | ({input_path} if input_path else set())
+            )
             staged.write(
                 ir_model,
                 external=use_external,
@@ -178,7 +190,12 @@ def fold(
                 if progress:
                     progress("verify", 0, 1)
                 report.verification = verify_models(
-                    reference, str(staged.path), input_shapes=shapes or None, seed=seed, atol=atol, rtol=rtol
+                    reference,
+                    str(staged.path),
+                    input_shapes=shapes or None,
+                    seed=seed,
+                    atol=atol,
+                    rtol=rtol,
                 )
                 if progress:
                     progress("verify", 1, 1)

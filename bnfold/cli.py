@@ -269,11 +269,17 @@ def fold(
     ] = None,
     lower_remaining: Annotated[
         bool,
-        typer.Option("--lower-remaining", help="Rewrite every BatchNormalization that stays into Mul + Add (for runtimes without a BN kernel); they are still reported as kept."),
+        typer.Option(
+            "--lower-remaining",
+            help="Rewrite every BatchNormalization that stays into Mul + Add (for runtimes without a BN kernel); they are still reported as kept.",
+        ),
     ] = False,
     duplicate_shared: Annotated[
         bool,
-        typer.Option("--duplicate-shared", help="Where a producer's output also feeds other nodes, fold into a copy of the producer (costs compute; stated in the report)."),
+        typer.Option(
+            "--duplicate-shared",
+            help="Where a producer's output also feeds other nodes, fold into a copy of the producer (costs compute; stated in the report).",
+        ),
     ] = False,
     trust_pickle: Annotated[
         bool,
@@ -362,8 +368,12 @@ def fold(
 @_guard
 def inspect(
     model: Annotated[Path, typer.Argument(help="The ONNX model to inspect.", show_default=False)],
-    lower_remaining: Annotated[bool, typer.Option("--lower-remaining", help="As in 'bnfold fold'.")] = False,
-    duplicate_shared: Annotated[bool, typer.Option("--duplicate-shared", help="As in 'bnfold fold'.")] = False,
+    lower_remaining: Annotated[
+        bool, typer.Option("--lower-remaining", help="As in 'bnfold fold'.")
+    ] = False,
+    duplicate_shared: Annotated[
+        bool, typer.Option("--duplicate-shared", help="As in 'bnfold fold'.")
+    ] = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
 ) -> None:
@@ -376,12 +386,16 @@ def inspect(
 
     _check_model_path(model)
     console = _console(json_out == "-")
-    report = inspect_model(model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
+    report = inspect_model(
+        model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
+    )
     report.input = str(model)
     if json_out:
         _write_json(report.to_dict(), json_out)
     if markdown is not None or _summary_env():
-        _write_markdown(fold_markdown([report]).replace("### bnfold fold", "### bnfold inspect", 1), markdown)
+        _write_markdown(
+            fold_markdown([report]).replace("### bnfold fold", "### bnfold inspect", 1), markdown
+        )
     render(report, console, verbose=True, dry_run=True)
     raise typer.Exit(EXIT_OK)
 

@@ -50,7 +50,9 @@ def inspect_model(
         ir_model = model.clone() if hasattr(model, "clone") else _io.from_proto(_io.to_proto(model))
     t1 = time.perf_counter()
     nodes_before = _count_nodes(ir_model)
-    fold_pass = BatchNormFoldPass(lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
+    fold_pass = BatchNormFoldPass(
+        lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
+    )
     fold_pass(ir_model)
     t2 = time.perf_counter()
     return FoldReport(

@@ -69,12 +69,38 @@ def _first_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------ structure checks
 #: Ops whose attributes and arity the fold pass reads; checked against their schema on load.
-_SCHEMA_CHECKED_OPS = frozenset({
-    "BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
-    "Identity", "Constant", "ConstantOfShape", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Cast",
-    "CastLike", "Shape", "Sqrt", "Reciprocal", "Neg", "MaxPool", "AveragePool", "GlobalMaxPool",
-    "GlobalAveragePool", "Flatten", "Dropout",
-})
+_SCHEMA_CHECKED_OPS = frozenset(
+    {
+        "BatchNormalization",
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Identity",
+        "Constant",
+        "ConstantOfShape",
+        "Reshape",
+        "Squeeze",
+        "Unsqueeze",
+        "Expand",
+        "Cast",
+        "CastLike",
+        "Shape",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+        "MaxPool",
+        "AveragePool",
+        "GlobalMaxPool",
+        "GlobalAveragePool",
+        "Flatten",
+        "Dropout",
+    }
+)
 #: attribute values the spec bounds, for the ops the fold reads: (op types, attribute, lowest value)
 _ATTRIBUTE_MINIMUM = [
     (("Conv", "ConvTranspose", "MaxPool", "AveragePool"), "strides", 1),
@@ -84,10 +110,16 @@ _ATTRIBUTE_MINIMUM = [
     (("ConvTranspose",), "output_padding", 0),
     (("Conv", "ConvTranspose"), "group", 1),
 ]
-_ATTRIBUTE_FLAGS = {("Gemm", "transA"), ("Gemm", "transB"), ("BatchNormalization", "training_mode"),
-                    ("BatchNormalization", "spatial"), ("BatchNormalization", "is_test")}
+_ATTRIBUTE_FLAGS = {
+    ("Gemm", "transA"),
+    ("Gemm", "transB"),
+    ("BatchNormalization", "training_mode"),
+    ("BatchNormalization", "spatial"),
+    ("BatchNormalization", "is_test"),
+}
 _SUB_BYTE_BITS = {
-    onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.INT4: 4,
     **{getattr(onnx.TensorProto, n): 4 for n in ("FLOAT4E2M1",) if hasattr(onnx.TensorProto, n)},
     **{getattr(onnx.TensorProto, n): 2 for n in ("UINT2", "INT2") if hasattr(onnx.TensorProto, n)},
 }
@@ -113,7 +145,9 @@ def _tensor_nbytes(tensor: onnx.TensorProto, where: str) -> int | None:
         )
     dt = tensor.data_type
     if dt == onnx.TensorProto.UNDEFINED or dt not in onnx.TensorProto.DataType.values():
-        raise InvalidModelError(f"{where}: tensor {name!r} has an undefined or unknown data type ({dt})")
+        raise InvalidModelError(
+            f"{where}: tensor {name!r} has an undefined or unknown data type ({dt})"
+        )
     if dt == onnx.TensorProto.STRING:
         return None
     if dt in _SUB_BYTE_BITS:
@@ -125,7 +159,14 @@ def _tensor_nbytes(tensor: onnx.TensorProto, where: str) -> int | None:
     return count * itemsize
 
 
-_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+_TYPED_FIELDS = (
+    "float_data",
+    "int32_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+    "string_data",
+)
 
 
 def _check_tensor_data(tensor: onnx.TensorProto, where: str) -> None:
@@ -143,10 +184,16 @@ def _check_tensor_data(tensor: onnx.TensorProto, where: str) -> None:
                 f"{len(tensor.raw_data)}"
             )
         return
-    if tensor.data_type in _SUB_BYTE_BITS or nbytes is None and tensor.data_type != onnx.TensorProto.STRING:
+    if (
+        tensor.data_type in _SUB_BYTE_BITS
+        or nbytes is None
+        and tensor.data_type != onnx.TensorProto.STRING
+    ):
         return  # packed typed data: not checked
     field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
-    per_element = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+    per_element = (
+        2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+    )
     have = len(getattr(tensor, field))
     if have != count * per_element:
         others = [f for f in _TYPED_FIELDS if f != field and len(getattr(tensor, f))]
@@ -188,17 +235,30 @@ class _StructureChecker:
         for fn in m.functions:
             key = (fn.domain, fn.name, getattr(fn, "overload", ""))
             if key in seen:
-                raise InvalidModelError(f"{self.where}: function {fn.domain}::{fn.name} is defined twice")
+                raise InvalidModelError(
+                    f"{self.where}: function {fn.domain}::{fn.name} is defined twice"
+                )
             seen.add(key)
-            self.nodes(fn.node, defined=set(fn.input), outer=frozenset(), depth=0,
-                       label=f"function {fn.domain}::{fn.name}", outputs=list(fn.output), in_function=True)
+            self.nodes(
+                fn.node,
+                defined=set(fn.input),
+                outer=frozenset(),
+                depth=0,
+                label=f"function {fn.domain}::{fn.name}",
+                outputs=list(fn.output),
+                in_function=True,
+            )
 
     def graph(self, g: onnx.GraphProto, outer: frozenset[str], depth: int, label: str) -> set[str]:
         """Check ``g``; return the names it reads from enclosing scopes."""
         if depth > _MAX_NESTING:
-            raise InvalidModelError(f"{self.where}: subgraphs are nested more than {_MAX_NESTING} deep")
+            raise InvalidModelError(
+                f"{self.where}: subgraphs are nested more than {_MAX_NESTING} deep"
+            )
         if len(g.sparse_initializer):
-            raise InvalidModelError(f"{self.where}: {label} has sparse initializers, which bnfold cannot carry over")
+            raise InvalidModelError(
+                f"{self.where}: {label} has sparse initializers, which bnfold cannot carry over"
+            )
         defined: set[str] = set()
         for vi in g.input:
             if not vi.name:
@@ -212,14 +272,24 @@ class _StructureChecker:
             if not t.name:
                 raise InvalidModelError(f"{self.where}: {label} has an initializer without a name")
             if t.name in inits:
-                raise InvalidModelError(f"{self.where}: {label} has two initializers named {t.name!r}")
+                raise InvalidModelError(
+                    f"{self.where}: {label} has two initializers named {t.name!r}"
+                )
             inits.add(t.name)
             _check_tensor_data(t, self.where)
         defined |= inits  # an initializer may also be an input (IR < 4, or an overridable default)
         return self.nodes(g.node, defined, outer, depth, label, outputs=[o.name for o in g.output])
 
-    def nodes(self, nodes, defined: set[str], outer: frozenset[str], depth: int, label: str,
-              outputs: list[str], in_function: bool = False) -> set[str]:
+    def nodes(
+        self,
+        nodes,
+        defined: set[str],
+        outer: frozenset[str],
+        depth: int,
+        label: str,
+        outputs: list[str],
+        in_function: bool = False,
+    ) -> set[str]:
         producer: dict[str, int] = {}
         for i, node in enumerate(nodes):
             for o in node.output:
@@ -246,8 +316,14 @@ class _StructureChecker:
                 subgraphs = [attr.g] if attr.HasField("g") else []
                 subgraphs.extend(attr.graphs)
                 for sg in subgraphs:
-                    reads.extend(self.graph(sg, frozenset(visible), depth + 1,
-                                            f"subgraph {attr.name!r} of {_node_label(node)}"))
+                    reads.extend(
+                        self.graph(
+                            sg,
+                            frozenset(visible),
+                            depth + 1,
+                            f"subgraph {attr.name!r} of {_node_label(node)}",
+                        )
+                    )
             for name in reads:
                 if name not in visible:
                     raise InvalidModelError(
@@ -301,8 +377,10 @@ class _StructureChecker:
         except Exception:  # not defined at this opset: ONNX Runtime will say so
             return
         n_in, n_out = len(node.input), len(node.output)
-        for what, n, low, high in (("inputs", n_in, schema.min_input, schema.max_input),
-                                   ("outputs", n_out, schema.min_output, schema.max_output)):
+        for what, n, low, high in (
+            ("inputs", n_in, schema.min_input, schema.max_input),
+            ("outputs", n_out, schema.min_output, schema.max_output),
+        ):
             if not low <= n <= high:
                 allowed = f"exactly {low}" if low == high else f"{low} to {high}"
                 raise InvalidModelError(
@@ -311,7 +389,9 @@ class _StructureChecker:
         names = set()
         for attr in node.attribute:
             if attr.name in names:
-                raise InvalidModelError(f"{self.where}: {_node_label(node)} has attribute {attr.name!r} twice")
+                raise InvalidModelError(
+                    f"{self.where}: {_node_label(node)} has attribute {attr.name!r} twice"
+                )
             names.add(attr.name)
             if attr.ref_attr_name:
                 if not in_function:
@@ -321,7 +401,11 @@ class _StructureChecker:
                     )
                 continue
             spec = schema.attributes.get(attr.name)
-            if spec is not None and attr.type != onnx.AttributeProto.UNDEFINED and attr.type != spec.type:
+            if (
+                spec is not None
+                and attr.type != onnx.AttributeProto.UNDEFINED
+                and attr.type != spec.type
+            ):
                 got = onnx.AttributeProto.AttributeType.Name(attr.type)
                 want = onnx.AttributeProto.AttributeType.Name(spec.type)
                 raise InvalidModelError(
@@ -346,7 +430,11 @@ def _check_text(message, where: str, path: str = "model") -> None:
     from google.protobuf.descriptor import FieldDescriptor
 
     for field, value in message.ListFields():
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        repeated = (
+            field.is_repeated
+            if hasattr(field, "is_repeated")
+            else field.label == field.LABEL_REPEATED
+        )
         if field.type == FieldDescriptor.TYPE_STRING:
             values = value if repeated else [value]
             if any(not isinstance(v, str) for v in values):
@@ -416,7 +504,9 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
         if not location:
             raise ExternalDataError(f"tensor {name!r} is marked external but has no location")
         if "\0" in location:
-            raise ExternalDataError(f"tensor {name!r}: external data location {location!r} contains a NUL byte")
+            raise ExternalDataError(
+                f"tensor {name!r}: external data location {location!r} contains a NUL byte"
+            )
         loc = Path(location)
         if loc.is_absolute() or ".." in loc.parts or ".." in location.replace("\\", "/").split("/"):
             raise ExternalDataError(
@@ -426,15 +516,15 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
         try:
             real = full.resolve()
         except (OSError, RuntimeError, ValueError) as exc:
-            raise ExternalDataError(f"tensor {name!r}: cannot resolve {location!r}: {exc}") from None
+            raise ExternalDataError(
+                f"tensor {name!r}: cannot resolve {location!r}: {exc}"
+            ) from None
         if base_real != real and base_real not in real.parents:
             raise ExternalDataError(
                 f"tensor {name!r}: external data {location!r} leads outside the model's folder"
             )
         if not real.exists():
-            raise ExternalDataError(
-                f"tensor {name!r}: external data file {str(full)!r} is missing"
-            )
+            raise ExternalDataError(f"tensor {name!r}: external data file {str(full)!r} is missing")
         if not real.is_file():
             raise ExternalDataError(
                 f"tensor {name!r}: external data {str(full)!r} is not a regular file"
@@ -569,7 +659,10 @@ def model_bytes_estimate(model: ir.Model) -> int:
 
 
 def check_output_path(
-    output: str | os.PathLike, *, input_path: str | os.PathLike | None, protected: set[Path] = frozenset()
+    output: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None,
+    protected: set[Path] = frozenset(),
 ) -> Path:
     """Refuse outputs that would overwrite the input or its external data, or that cannot be written."""
     out = Path(output)
@@ -589,7 +682,9 @@ def check_output_path(
     if input_path is not None:
         in_real = Path(input_path).resolve()
         if out_real == in_real or (out.exists() and os.path.samefile(out, input_path)):
-            raise OutputError(f"{out}: is the input file; bnfold never modifies its input, choose another -o")
+            raise OutputError(
+                f"{out}: is the input file; bnfold never modifies its input, choose another -o"
+            )
     for f in protected:
         if out_real == f or data_real == f:
             raise OutputError(
@@ -622,7 +717,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(folder: Path, name: str, *, max_age_s: float = _STALE_STAGING_S) -> list[Path]:
+def remove_stale_staging(
+    folder: Path, name: str, *, max_age_s: float = _STALE_STAGING_S
+) -> list[Path]:
     """Remove staging folders of output ``name`` in ``folder`` left by a killed run.
 
     A folder is stale when the process that made it (its pid is in its name) no longer runs and it
@@ -644,7 +741,7 @@ def remove_stale_staging(folder: Path, name: str, *, max_age_s: float = _STALE_S
             age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and _pid_alive(int(pid_text)):
             continue
         if age < max_age_s:
@@ -743,14 +840,19 @@ class StagedOutput:
     that follows a commit.
     """
 
-    def __init__(self, final: str | os.PathLike, *, protected: set[Path] | frozenset[Path] = frozenset()) -> None:
+    def __init__(
+        self, final: str | os.PathLike, *, protected: set[Path] | frozenset[Path] = frozenset()
+    ) -> None:
         self.final = Path(final)
         self.folder = self.final.parent if str(self.final.parent) else Path(".")
         self.protected = {Path(p).resolve() for p in protected}
         remove_stale_staging(self.folder, self.final.name)
         try:
-            self._dir = Path(tempfile.mkdtemp(
-                prefix=f"{_staging_prefix(self.final.name)}{os.getpid()}-", dir=self.folder))
+            self._dir = Path(
+                tempfile.mkdtemp(
+                    prefix=f"{_staging_prefix(self.final.name)}{os.getpid()}-", dir=self.folder
+                )
+            )
         except OSError as exc:
             raise OutputError(
                 f"{self.final}: cannot write in {str(self.folder)!r} ({exc.strerror or exc})"
@@ -788,7 +890,9 @@ class StagedOutput:
             else:
                 proto = to_proto(model)
                 if proto.ByteSize() > TWO_GB:
-                    raise OutputError("the model exceeds 2 GB as one file; write it with external data")
+                    raise OutputError(
+                        "the model exceeds 2 GB as one file; write it with external data"
+                    )
                 with open(self.path, "wb") as f:
                     f.write(proto.SerializeToString())
                     f.flush()
@@ -820,7 +924,9 @@ class StagedOutput:
                         raise OutputError(
                             f"{self.final}: {exc.filename} appeared while bnfold was writing; run again"
                         ) from None
-                    raise OutputError(f"{self.final}: cannot write ({exc.strerror or exc})") from None
+                    raise OutputError(
+                        f"{self.final}: cannot write ({exc.strerror or exc})"
+                    ) from None
                 self.committed = True
                 _fsync(self.folder)
                 keep = self.protected | ({published.resolve()} if published is not None else set())

@@ -130,7 +130,9 @@ def per_channel(param: np.ndarray, channels: int, name: str) -> np.ndarray:
     if p.ndim == 1 and p.shape[0] == channels:
         return p
     if p.ndim == 0 or p.shape[0] != channels:
-        raise FoldRefused("invalid_params", f"{name} has shape {list(p.shape)}, expected [{channels}]")
+        raise FoldRefused(
+            "invalid_params", f"{name} has shape {list(p.shape)}, expected [{channels}]"
+        )
     flat = p.reshape(channels, -1)
     if not np.array_equal(flat, np.broadcast_to(flat[:, :1], flat.shape), equal_nan=True):
         raise FoldRefused(
@@ -236,7 +238,9 @@ def fold_conv_transpose(weight: np.ndarray, s: np.ndarray, group: int) -> np.nda
     """ConvTranspose weight [Cin, Cout/g, k...] scaled along output channels, float64."""
     w = _f64(weight)
     if group < 1 or w.shape[0] % group:
-        raise FoldRefused("shape_mismatch", f"weight shape {list(w.shape)} does not fit group={group}")
+        raise FoldRefused(
+            "shape_mismatch", f"weight shape {list(w.shape)} does not fit group={group}"
+        )
     cout_g = w.shape[1]
     _check_channels(s, cout_g * group, "ConvTranspose")
     spatial = w.shape[2:]
@@ -264,7 +268,8 @@ def fold_gemm_c(c: np.ndarray | None, s: np.ndarray, t: np.ndarray, *, beta: flo
         np.broadcast_shapes(c64.shape, s.shape)
     except ValueError as exc:
         raise FoldRefused(
-            "shape_mismatch", f"Gemm C of shape {list(c64.shape)} does not broadcast to N={s.shape[0]}"
+            "shape_mismatch",
+            f"Gemm C of shape {list(c64.shape)} does not broadcast to N={s.shape[0]}",
         ) from exc
     return c64 * s + t
 
@@ -297,7 +302,9 @@ def _conv_groups(w: np.ndarray, group: int, channels: int) -> tuple[int, int]:
     """(Cout/g, Cin/g) of a Conv weight [Cout, Cin/g, k...] whose input has ``channels`` channels."""
     cout, cin_g = w.shape[:2]
     if group < 1 or cout % group:
-        raise FoldRefused("shape_mismatch", f"Conv weight {list(w.shape)} does not fit group={group}")
+        raise FoldRefused(
+            "shape_mismatch", f"Conv weight {list(w.shape)} does not fit group={group}"
+        )
     if cin_g * group != channels:
         raise FoldRefused(
             "shape_mismatch", f"BN has {channels} channels but the Conv reads {cin_g * group}"
@@ -382,7 +389,9 @@ def conv_shift_map(
         begin, end = pads[d], pads[n + d]
         out = (size + begin + end - ((k - 1) * dil + 1)) // stride + 1
         if out < 1:
-            raise FoldRefused("shape_mismatch", f"Conv output would be empty along spatial axis {d}")
+            raise FoldRefused(
+                "shape_mismatch", f"Conv output would be empty along spatial axis {d}"
+            )
         pos = np.arange(out)[None, :] * stride + np.arange(k)[:, None] * dil - begin
         mask = ((pos >= 0) & (pos < size)).astype(np.float64)  # [k, out]
         result = np.tensordot(result, mask, axes=([1], [0]))  # kernel axis d out, output axis d in
@@ -397,7 +406,9 @@ def fold_gemm_input(b_weight: np.ndarray, s: np.ndarray, *, trans_b: bool) -> np
         raise FoldRefused("shape_mismatch", f"weight has rank {bw.ndim}, expected 2")
     k = bw.shape[1] if trans_b else bw.shape[0]
     if k != s.shape[0]:
-        raise FoldRefused("shape_mismatch", f"BN covers {s.shape[0]} features, the weight reads K={k}")
+        raise FoldRefused(
+            "shape_mismatch", f"BN covers {s.shape[0]} features, the weight reads K={k}"
+        )
     bw *= s[None, :] if trans_b else s[:, None]
     return bw
 

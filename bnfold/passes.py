@@ -47,21 +47,53 @@ _INT_DTYPES = {
 }
 _NUMPY_DTYPES = {**_FLOAT_DTYPES, **_INT_DTYPES}
 _CHUNK_BYTES = 64 << 20  # read weights in chunks of this size when scanning them
-_MAX_COMPUTED_ELEMENTS = 1 << 28  # a computed constant or flattened feature count beyond this is hostile
+_MAX_COMPUTED_ELEMENTS = (
+    1 << 28
+)  # a computed constant or flattened feature count beyond this is hostile
 _STD = ("", "ai.onnx")
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 #: Side-effect-free ops whose result the pass computes when they only read constants; the same ops are
 #: removed once a fold leaves them without users.
-_CONST_OPS = frozenset({
-    "Identity", "Constant", "ConstantOfShape", "Cast", "CastLike", "Reshape", "Unsqueeze", "Squeeze",
-    "Expand", "Shape", "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg",
-})
+_CONST_OPS = frozenset(
+    {
+        "Identity",
+        "Constant",
+        "ConstantOfShape",
+        "Cast",
+        "CastLike",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Expand",
+        "Shape",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+    }
+)
 #: Per-channel ops a forward fold may pass through (see numerics: when each commutes).
-_THROUGH_OPS = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Identity", "Dropout")
+_THROUGH_OPS = (
+    "MaxPool",
+    "GlobalMaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Identity",
+    "Dropout",
+)
 #: Reasons that only say "there is no node on that side to fold into".
-_STRUCTURAL = frozenset({SkipReason.NO_PRODUCER, SkipReason.UNSUPPORTED_PRODUCER,
-                         SkipReason.PRODUCER_OUTPUT_SHARED, SkipReason.IN_SUBGRAPH})
+_STRUCTURAL = frozenset(
+    {
+        SkipReason.NO_PRODUCER,
+        SkipReason.UNSUPPORTED_PRODUCER,
+        SkipReason.PRODUCER_OUTPUT_SHARED,
+        SkipReason.IN_SUBGRAPH,
+    }
+)
 #: Largest border-correction constant a forward fold into a padded Conv may add (elements).
 MAX_BORDER_CORRECTION = 1 << 20
 
@@ -99,7 +131,11 @@ class FoldedTensor(ir.LazyTensor):
     __slots__ = ("compute64",)
 
     def __init__(
-        self, compute64: Callable[[], np.ndarray], dtype: ir.DataType, shape: tuple[int, ...], name: str
+        self,
+        compute64: Callable[[], np.ndarray],
+        dtype: ir.DataType,
+        shape: tuple[int, ...],
+        name: str,
     ) -> None:
         np_dtype = _FLOAT_DTYPES[dtype]
 
@@ -121,11 +157,20 @@ class _Const:
     release: Callable[[], None] = lambda: None
 
 
-def _computed(dtype: ir.DataType, shape: tuple[int, ...], load: Callable[[], np.ndarray],
-              release: Callable[[], None] = lambda: None) -> _Const:
+def _computed(
+    dtype: ir.DataType,
+    shape: tuple[int, ...],
+    load: Callable[[], np.ndarray],
+    release: Callable[[], None] = lambda: None,
+) -> _Const:
     """A constant computed by the pass (from other constants) in its own dtype, as a runtime would."""
-    return _Const(dtype, tuple(int(d) for d in shape), load,
-                  lambda: np.asarray(load(), dtype=np.float64), release)
+    return _Const(
+        dtype,
+        tuple(int(d) for d in shape),
+        load,
+        lambda: np.asarray(load(), dtype=np.float64),
+        release,
+    )
 
 
 @dataclass
@@ -272,12 +317,16 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         functions = list(model.functions.values())
         for fn in functions:
             label = f"function {fn.domain}::{fn.name}" if fn.domain else f"function {fn.name}"
-            self._function_graphs.update(id(g) for g in _walk_graphs(fn.graph))  # no initializers there
+            self._function_graphs.update(
+                id(g) for g in _walk_graphs(fn.graph)
+            )  # no initializers there
             self._label_scopes(fn.graph, label)
 
         self._process(model.graph)
         for fn in functions:
-            self._opset = fn.opset_imports.get("", fn.opset_imports.get("ai.onnx", self._model_opset))
+            self._opset = fn.opset_imports.get(
+                "", fn.opset_imports.get("ai.onnx", self._model_opset)
+            )
             self._process(fn.graph)
         self._opset = self._model_opset
         self._remove_dead()
@@ -331,7 +380,9 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                     for g in attr.value:
                         self._process(g)
 
-    def _decide(self, bn: ir.Node, scope: str) -> tuple[BNDecision, tuple[np.ndarray, np.ndarray] | None]:
+    def _decide(
+        self, bn: ir.Node, scope: str
+    ) -> tuple[BNDecision, tuple[np.ndarray, np.ndarray] | None]:
         """Fold ``bn`` backward, else forward; else keep it with the most telling reason.
 
         Returns the decision and, for a kept BN whose affine map is known, (s, t) for lowering.
@@ -355,8 +406,12 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             reason, detail = fwd.reason, f"forward: {fwd.detail}; backward: {back.detail}"
         return self._kept_decision(bn, reason, detail, scope), (s, t)
 
-    def _kept_decision(self, node: ir.Node, reason: SkipReason, detail: str, graph: str = "main") -> BNDecision:
-        return BNDecision(name=_node_label(node), folded=False, reason=reason, detail=detail, graph=graph)
+    def _kept_decision(
+        self, node: ir.Node, reason: SkipReason, detail: str, graph: str = "main"
+    ) -> BNDecision:
+        return BNDecision(
+            name=_node_label(node), folded=False, reason=reason, detail=detail, graph=graph
+        )
 
     # ------------------------------------------------------------------ BN parameters
     def _bn_affine(self, bn: ir.Node) -> tuple[np.ndarray, np.ndarray]:
@@ -365,15 +420,25 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         if self._opset >= 14 and _attr(bn, "training_mode", 0):
             raise _Keep(SkipReason.TRAINING_MODE, "training_mode=1")
         if self._opset < 7 and not _attr(bn, "is_test", 0):
-            raise _Keep(SkipReason.TRAINING_MODE, "is_test=0 (opset < 7), so it runs in training mode")
+            raise _Keep(
+                SkipReason.TRAINING_MODE, "is_test=0 (opset < 7), so it runs in training mode"
+            )
         extra = [o for o in bn.outputs[1:] if o is not None and o.name]
         used = [o for o in extra if o.uses() or o.is_graph_output()]
         if used:
-            raise _Keep(SkipReason.STATS_OUTPUTS_USED, "statistics outputs used: " + ", ".join(o.name for o in used))
+            raise _Keep(
+                SkipReason.STATS_OUTPUTS_USED,
+                "statistics outputs used: " + ", ".join(o.name for o in used),
+            )
         if extra and self._opset < 14:
             # ONNX Runtime runs a pre-14 BN that declares statistics outputs in training mode.
-            raise _Keep(SkipReason.TRAINING_MODE, f"declares {len(extra)} statistics output(s), so it runs in training mode")
-        epsilon = float(_attr(bn, "epsilon", np.float32(1e-5)))  # the default is a FLOAT attribute: 1e-5 in float32
+            raise _Keep(
+                SkipReason.TRAINING_MODE,
+                f"declares {len(extra)} statistics output(s), so it runs in training mode",
+            )
+        epsilon = float(
+            _attr(bn, "epsilon", np.float32(1e-5))
+        )  # the default is a FLOAT attribute: 1e-5 in float32
         names = ("scale", "B", "mean", "var")
         params = []
         first_param_dtype = None
@@ -390,8 +455,14 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         self._check_precision(bn, vecs[2], vecs[3], epsilon, first_param_dtype)
         return s, t
 
-    def _check_precision(self, bn: ir.Node, mean: np.ndarray, var: np.ndarray, epsilon: float,
-                         param_dtype: ir.DataType) -> None:
+    def _check_precision(
+        self,
+        bn: ir.Node,
+        mean: np.ndarray,
+        var: np.ndarray,
+        epsilon: float,
+        param_dtype: ir.DataType,
+    ) -> None:
         """Keep a float16/bfloat16 BN whose mean is large against its spread: folding moves the
         cancellation x − μ into rounded weights and loses about log2(|μ|/σ) bits (the differential
         fuzz found garbage outputs from |μ|/σ ≈ 28 on; verification with N(0, 1) inputs, which lack
@@ -403,9 +474,11 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         limit = numerics.HALF_PRECISION_MEAN_LIMIT
         if ratio.size and float(np.max(ratio)) > limit:
             c = int(np.argmax(ratio))
-            raise _Keep(SkipReason.PRECISION_LOSS,
-                        f"{dtype.name.lower()} BN with |mean|/std = {float(ratio[c]):.3g} at channel {c} "
-                        f"(limit {limit:g}): folding would lose about {np.log2(float(ratio[c])):.0f} bits")
+            raise _Keep(
+                SkipReason.PRECISION_LOSS,
+                f"{dtype.name.lower()} BN with |mean|/std = {float(ratio[c]):.3g} at channel {c} "
+                f"(limit {limit:g}): folding would lose about {np.log2(float(ratio[c])):.0f} bits",
+            )
 
     # ------------------------------------------------------------------ constants
     def _const(self, value: ir.Value | None, *, what: str, weight: bool, depth: int = 0) -> _Const:
@@ -417,11 +490,17 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         while True:
             if value.is_graph_input():
                 if value.graph is not None and value.graph is not self._graph:
-                    raise _Keep(SkipReason.IN_SUBGRAPH, f"{what} {value.name} is an input of {self._scope(value.graph)}")
+                    raise _Keep(
+                        SkipReason.IN_SUBGRAPH,
+                        f"{what} {value.name} is an input of {self._scope(value.graph)}",
+                    )
                 if value.is_initializer() and self._ir_version < 4:
                     pass  # IR < 4: initializers are listed as inputs, and are constants
                 elif value.is_initializer():
-                    raise _Keep(overridable, f"{what} {value.name} is an initializer that is also a graph input")
+                    raise _Keep(
+                        overridable,
+                        f"{what} {value.name} is an initializer that is also a graph input",
+                    )
                 else:
                     raise _Keep(non_const, f"{what} {value.name} is a graph input")
             if value.const_value is not None:
@@ -438,19 +517,34 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                     raise _Keep(non_const, f"{what} is missing")
                 continue
             if producer.op_type not in _CONST_OPS:
-                raise _Keep(non_const, f"{what} {value.name} comes from {producer.op_type} {_node_label(producer)}")
+                raise _Keep(
+                    non_const,
+                    f"{what} {value.name} comes from {producer.op_type} {_node_label(producer)}",
+                )
             c = self._eval_const(producer, value, what=what, weight=weight, depth=depth)
-            if int(np.prod(c.shape, dtype=object)) > _MAX_COMPUTED_ELEMENTS:  # never materialise a hostile ConstantOfShape/Expand
-                raise _Keep(non_const, f"{what} {value.name} would have {int(np.prod(c.shape, dtype=object)):.3g} elements; too large to compute")
+            if (
+                int(np.prod(c.shape, dtype=object)) > _MAX_COMPUTED_ELEMENTS
+            ):  # never materialise a hostile ConstantOfShape/Expand
+                raise _Keep(
+                    non_const,
+                    f"{what} {value.name} would have {int(np.prod(c.shape, dtype=object)):.3g} elements; too large to compute",
+                )
             return c
 
     def _tensor_const(self, tensor: ir.TensorProtocol) -> _Const:
         if isinstance(tensor, FoldedTensor):
             return _Const(tensor.dtype, tuple(tensor.shape.numpy()), tensor.numpy, tensor.compute64)
-        return _Const(tensor.dtype, tuple(tensor.shape.numpy()), tensor.numpy,
-                      lambda t=tensor: np.asarray(t.numpy(), dtype=np.float64), _releaser(tensor))
+        return _Const(
+            tensor.dtype,
+            tuple(tensor.shape.numpy()),
+            tensor.numpy,
+            lambda t=tensor: np.asarray(t.numpy(), dtype=np.float64),
+            _releaser(tensor),
+        )
 
-    def _eval_const(self, node: ir.Node, value: ir.Value, *, what: str, weight: bool, depth: int) -> _Const:
+    def _eval_const(
+        self, node: ir.Node, value: ir.Value, *, what: str, weight: bool, depth: int
+    ) -> _Const:
         """The output of a side-effect-free ``node`` whose inputs are constants, computed on demand."""
         non_const = SkipReason.NON_CONSTANT_WEIGHT if weight else SkipReason.NON_CONSTANT_PARAMS
         op = node.op_type
@@ -484,9 +578,15 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             else:
                 fill_arr, dtype = np.asarray(fill.numpy()).reshape(-1), fill.dtype
             if any(d < 0 for d in shape):
-                raise _Keep(SkipReason.INVALID_PARAMS, f"{what}: negative dimension in {list(shape)}")
-            return _Const(dtype, shape, lambda f=fill_arr, s=shape: np.full(s, f[0], dtype=f.dtype),
-                          lambda f=fill_arr, s=shape: np.full(s, np.float64(f[0])))
+                raise _Keep(
+                    SkipReason.INVALID_PARAMS, f"{what}: negative dimension in {list(shape)}"
+                )
+            return _Const(
+                dtype,
+                shape,
+                lambda f=fill_arr, s=shape: np.full(s, f[0], dtype=f.dtype),
+                lambda f=fill_arr, s=shape: np.full(s, np.float64(f[0])),
+            )
         if op == "Shape":
             c = arg(0)
             start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
@@ -498,7 +598,10 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                 try:
                     to = ir.DataType(int(_attr(node, "to", 0)))
                 except (TypeError, ValueError):  # opset < 6 names the type with a string
-                    raise _Keep(non_const, f"{label}: cast target {_attr(node, 'to', None)!r} is not read by this tool") from None
+                    raise _Keep(
+                        non_const,
+                        f"{label}: cast target {_attr(node, 'to', None)!r} is not read by this tool",
+                    ) from None
             else:
                 like = node.inputs[1] if len(node.inputs) > 1 else None
                 to = like.dtype if like is not None else None
@@ -506,21 +609,36 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                     raise _Keep(non_const, f"{label}: the dtype to cast to is unknown")
             target = np_dtype(to)
             np_dtype(c.dtype)
-            return _computed(to, c.shape, lambda c=c, d=target: np.asarray(c.load()).astype(d), c.release)
+            return _computed(
+                to, c.shape, lambda c=c, d=target: np.asarray(c.load()).astype(d), c.release
+            )
         if op == "Reshape":
             c = arg(0)
             shape = ints(1)
             allowzero = int(_attr(node, "allowzero", 0))
-            out = [c.shape[i] if d == 0 and not allowzero and i < len(c.shape) else d for i, d in enumerate(shape)]
+            out = [
+                c.shape[i] if d == 0 and not allowzero and i < len(c.shape) else d
+                for i, d in enumerate(shape)
+            ]
             size = int(np.prod(c.shape, dtype=np.int64))
             if out.count(-1) == 1:
                 known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
                 if known == 0 or size % known:
-                    raise _Keep(SkipReason.INVALID_PARAMS, f"{label}: cannot reshape {list(c.shape)} to {shape}")
+                    raise _Keep(
+                        SkipReason.INVALID_PARAMS,
+                        f"{label}: cannot reshape {list(c.shape)} to {shape}",
+                    )
                 out[out.index(-1)] = size // known
             if any(d < 0 for d in out) or int(np.prod(out, dtype=np.int64)) != size:
-                raise _Keep(SkipReason.INVALID_PARAMS, f"{label}: cannot reshape {list(c.shape)} to {shape}")
-            return _computed(c.dtype, tuple(out), lambda c=c, o=tuple(out): np.asarray(c.load()).reshape(o), c.release)
+                raise _Keep(
+                    SkipReason.INVALID_PARAMS, f"{label}: cannot reshape {list(c.shape)} to {shape}"
+                )
+            return _computed(
+                c.dtype,
+                tuple(out),
+                lambda c=c, o=tuple(out): np.asarray(c.load()).reshape(o),
+                c.release,
+            )
         if op in ("Unsqueeze", "Squeeze"):
             c = arg(0)
             if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -535,19 +653,35 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                     out.insert(a, 1)
             else:
                 rank = len(c.shape)
-                norm = sorted({a + rank if a < 0 else a for a in axes}) if axes else [i for i, d in enumerate(c.shape) if d == 1]
+                norm = (
+                    sorted({a + rank if a < 0 else a for a in axes})
+                    if axes
+                    else [i for i, d in enumerate(c.shape) if d == 1]
+                )
                 if any(not 0 <= a < rank or c.shape[a] != 1 for a in norm):
-                    raise _Keep(SkipReason.INVALID_PARAMS, f"{label}: cannot squeeze axes {axes} of {list(c.shape)}")
+                    raise _Keep(
+                        SkipReason.INVALID_PARAMS,
+                        f"{label}: cannot squeeze axes {axes} of {list(c.shape)}",
+                    )
                 out = [d for i, d in enumerate(c.shape) if i not in norm]
-            return _computed(c.dtype, tuple(out), lambda c=c, o=tuple(out): np.asarray(c.load()).reshape(o), c.release)
+            return _computed(
+                c.dtype,
+                tuple(out),
+                lambda c=c, o=tuple(out): np.asarray(c.load()).reshape(o),
+                c.release,
+            )
         if op == "Expand":
             c = arg(0)
             shape = ints(1)
             try:
                 out = np.broadcast_shapes(tuple(c.shape), tuple(shape))
             except ValueError:
-                raise _Keep(SkipReason.INVALID_PARAMS, f"{label}: cannot expand {list(c.shape)} to {shape}") from None
-            return _computed(c.dtype, out, lambda c=c, o=out: np.array(np.broadcast_to(c.load(), o)), c.release)
+                raise _Keep(
+                    SkipReason.INVALID_PARAMS, f"{label}: cannot expand {list(c.shape)} to {shape}"
+                ) from None
+            return _computed(
+                c.dtype, out, lambda c=c, o=out: np.array(np.broadcast_to(c.load(), o)), c.release
+            )
         if op in ("Sqrt", "Reciprocal", "Neg"):
             c = arg(0)
             if c.dtype not in _FLOAT_DTYPES:
@@ -561,23 +695,38 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             return _computed(c.dtype, c.shape, unary)
         if op in ("Add", "Sub", "Mul", "Div"):
             a, b = arg(0), arg(1)
-            if a.dtype != b.dtype or (a.dtype not in _FLOAT_DTYPES and (op == "Div" or a.dtype not in _INT_DTYPES)):
-                raise _Keep(non_const, f"{label}: {a.dtype} {op} {b.dtype} is not computed by this tool")
+            if a.dtype != b.dtype or (
+                a.dtype not in _FLOAT_DTYPES and (op == "Div" or a.dtype not in _INT_DTYPES)
+            ):
+                raise _Keep(
+                    non_const, f"{label}: {a.dtype} {op} {b.dtype} is not computed by this tool"
+                )
             b_shape = tuple(b.shape)
             if self._opset < 7 and tuple(a.shape) != b_shape:
                 # Legacy broadcasting: only B broadcasts, with broadcast=1, aligned at ``axis``.
                 axis = _attr(node, "axis", None)
                 if not int(_attr(node, "broadcast", 0)):
-                    raise _Keep(SkipReason.INVALID_PARAMS, f"{label}: shapes {list(a.shape)} and {list(b_shape)} differ without broadcast=1")
+                    raise _Keep(
+                        SkipReason.INVALID_PARAMS,
+                        f"{label}: shapes {list(a.shape)} and {list(b_shape)} differ without broadcast=1",
+                    )
                 if axis is not None:
                     axis = int(axis) + (len(a.shape) if int(axis) < 0 else 0)
-                    b_shape = (1,) * axis + b_shape + (1,) * max(0, len(a.shape) - axis - len(b_shape))
+                    b_shape = (
+                        (1,) * axis + b_shape + (1,) * max(0, len(a.shape) - axis - len(b_shape))
+                    )
                 if len(b_shape) > len(a.shape):
-                    raise _Keep(SkipReason.INVALID_PARAMS, f"{label}: B {list(b.shape)} is larger than A {list(a.shape)}")
+                    raise _Keep(
+                        SkipReason.INVALID_PARAMS,
+                        f"{label}: B {list(b.shape)} is larger than A {list(a.shape)}",
+                    )
             try:
                 out = np.broadcast_shapes(tuple(a.shape), b_shape)
             except ValueError:
-                raise _Keep(SkipReason.INVALID_PARAMS, f"{label}: shapes {list(a.shape)} and {list(b.shape)} do not broadcast") from None
+                raise _Keep(
+                    SkipReason.INVALID_PARAMS,
+                    f"{label}: shapes {list(a.shape)} and {list(b.shape)} do not broadcast",
+                ) from None
             fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
             dtype = np_dtype(a.dtype)
 
@@ -601,7 +750,11 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         inference (run once, on demand, without changing the model)."""
         if value is None:
             return None
-        dims = None if value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
+        dims = (
+            None
+            if value.shape is None
+            else [d if isinstance(d, int) else None for d in value.shape]
+        )
         if dims is None or None in dims:
             entry = self._inferred_shapes().get(id(value))
             inferred = entry[1] if entry is not None and entry[0] is value else None
@@ -679,10 +832,19 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         x = bn.inputs[0]
         producer = x.producer() if x is not None else None
         if producer is None:
-            raise _Keep(SkipReason.NO_PRODUCER, f"input {x.name if x else '?'} is not produced by a node")
-        op = producer.op_type if producer.domain in _STD else f"{producer.domain}::{producer.op_type}"
+            raise _Keep(
+                SkipReason.NO_PRODUCER, f"input {x.name if x else '?'} is not produced by a node"
+            )
+        op = (
+            producer.op_type
+            if producer.domain in _STD
+            else f"{producer.domain}::{producer.op_type}"
+        )
         if producer.graph is not bn.graph:
-            raise _Keep(SkipReason.IN_SUBGRAPH, f"its producer {op} {_node_label(producer)} is outside {scope}, in an enclosing graph")
+            raise _Keep(
+                SkipReason.IN_SUBGRAPH,
+                f"its producer {op} {_node_label(producer)} is outside {scope}, in an enclosing graph",
+            )
         handler = {
             "Conv": self._fold_conv,
             "ConvTranspose": self._fold_conv,
@@ -691,16 +853,23 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             "Add": self._fold_matmul_add,
         }.get(op)
         if handler is None:
-            raise _Keep(SkipReason.UNSUPPORTED_PRODUCER, f"input comes from {op} {_node_label(producer)}")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_PRODUCER, f"input comes from {op} {_node_label(producer)}"
+            )
         self._undo = []
         copied = ""
         try:
             if x.is_graph_output() or len(x.uses()) != 1:
                 users = sorted({_node_label(u.node) for u in x.uses() if u.node is not bn})
                 where = ("a graph output" if x.is_graph_output() else "") + (
-                    (" and " if x.is_graph_output() and users else "") + ("also used by " + ", ".join(users[:3]) if users else ""))
+                    (" and " if x.is_graph_output() and users else "")
+                    + ("also used by " + ", ".join(users[:3]) if users else "")
+                )
                 if not self.duplicate_shared:
-                    raise _Keep(SkipReason.PRODUCER_OUTPUT_SHARED, f"{producer.op_type} output {x.name} is {where}")
+                    raise _Keep(
+                        SkipReason.PRODUCER_OUTPUT_SHARED,
+                        f"{producer.op_type} output {x.name} is {where}",
+                    )
                 original = producer
                 producer = self._duplicate(producer, bn, 0)
                 copied = f"; folded into a copy of {original.op_type} {_node_label(original)}, whose output is {where} (--duplicate-shared)"
@@ -714,18 +883,29 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         self._bypass(bn, new_out)
         self._modified = True
         return BNDecision(
-            name=_node_label(bn), folded=True, direction="backward", target=_node_label(target),
-            target_op=target.op_type, detail=how + copied, graph=scope,
+            name=_node_label(bn),
+            folded=True,
+            direction="backward",
+            target=_node_label(target),
+            target_op=target.op_type,
+            detail=how + copied,
+            graph=scope,
         )
 
     def _duplicate(self, node: ir.Node, user: ir.Node, index: int) -> ir.Node:
         """A copy of ``node`` that only ``user`` (at input ``index``) reads; undone if the fold fails."""
         old = user.inputs[index]
-        outputs = [ir.Value(name=self._fresh(f"{o.name or 'out'}_copy"), type=o.type, shape=o.shape) for o in node.outputs]
+        outputs = [
+            ir.Value(name=self._fresh(f"{o.name or 'out'}_copy"), type=o.type, shape=o.shape)
+            for o in node.outputs
+        ]
         copy = ir.Node(
-            node.domain, node.op_type, inputs=list(node.inputs),
+            node.domain,
+            node.op_type,
+            inputs=list(node.inputs),
             attributes=[_copy_attr(a) for a in node.attributes.values()],
-            outputs=outputs, name=self._fresh(f"{node.name or node.op_type}_copy"),
+            outputs=outputs,
+            name=self._fresh(f"{node.name or node.op_type}_copy"),
         )
         graph = node.graph
         graph.insert_after(node, copy)
@@ -738,7 +918,9 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         self._undo.append(undo)
         return copy
 
-    def _fold_conv(self, node: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[ir.Node, str, ir.Value]:
+    def _fold_conv(
+        self, node: ir.Node, s: np.ndarray, t: np.ndarray
+    ) -> tuple[ir.Node, str, ir.Value]:
         is_t = node.op_type == "ConvTranspose"
         w = self._weight(node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} weight")
         if len(w.shape) < 3:
@@ -746,33 +928,46 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         group = int(_attr(node, "group", 1))
         if is_t:
             if group < 1 or w.shape[0] % group:
-                raise FoldRefused("shape_mismatch", f"weight {list(w.shape)} does not fit group={group}")
+                raise FoldRefused(
+                    "shape_mismatch", f"weight {list(w.shape)} does not fit group={group}"
+                )
             cout = w.shape[1] * group
             axis_desc = f"output channels (axis 1 of [Cin, Cout/g, k...], group={group})"
         else:
             cout = w.shape[0]
             axis_desc = "axis 0"
         if s.shape[0] != cout:
-            raise FoldRefused("shape_mismatch", f"BN has {s.shape[0]} channels, {node.op_type} produces {cout}")
+            raise FoldRefused(
+                "shape_mismatch", f"BN has {s.shape[0]} channels, {node.op_type} produces {cout}"
+            )
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
         b = self._weight(bias_v, f"{node.op_type} bias") if bias_v is not None else None
         if b is not None and tuple(b.shape) != (cout,):
-            raise FoldRefused("shape_mismatch", f"{node.op_type} bias has shape {list(b.shape)}, expected [{cout}]")
+            raise FoldRefused(
+                "shape_mismatch",
+                f"{node.op_type} bias has shape {list(b.shape)}, expected [{cout}]",
+            )
         np_dtype = _FLOAT_DTYPES[w.dtype]
         # Exact overflow check before committing: max|W'[o]| = max|W[o]| · |s[o]|.
         if np_dtype != np.float64:
-            absmax = self._conv_t_absmax(w, group) if is_t else _scan_channel_absmax(w.load, 0, cout)
+            absmax = (
+                self._conv_t_absmax(w, group) if is_t else _scan_channel_absmax(w.load, 0, cout)
+            )
             w.release()
             self._check_range(absmax * np.abs(s), np_dtype, f"{node.op_type} weight")
         bias64 = numerics.fold_bias(b.load64() if b is not None else None, s, t)
         bias_dtype = b.dtype if b is not None else w.dtype
         bias_arr = numerics.round_to(bias64, _FLOAT_DTYPES[bias_dtype], f"{node.op_type} bias")
         if is_t:
-            folded = self._folded(w, lambda a: numerics.fold_conv_transpose(a, s, group), node.inputs[1])
+            folded = self._folded(
+                w, lambda a: numerics.fold_conv_transpose(a, s, group), node.inputs[1]
+            )
         else:
             folded = self._folded(w, lambda a: numerics.fold_conv(a, s), node.inputs[1])
         self._set_input(node, 1, folded)
-        self._set_input(node, 2, self._eager(bias_arr, bias_dtype, bias64, _bias_name(bias_v, node, "conv")))
+        self._set_input(
+            node, 2, self._eager(bias_arr, bias_dtype, bias64, _bias_name(bias_v, node, "conv"))
+        )
         created = "bias created" if b is None else "bias updated"
         return node, f"weight scaled along {axis_desc}; {created}", node.outputs[0]
 
@@ -782,7 +977,8 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         out = np.zeros(cout_g * group)
         for gi in range(group):
             out[gi * cout_g : (gi + 1) * cout_g] = _scan_channel_absmax(
-                lambda gi=gi: arr[gi * cin_g : (gi + 1) * cin_g], 1, cout_g)
+                lambda gi=gi: arr[gi * cin_g : (gi + 1) * cin_g], 1, cout_g
+            )
         return out
 
     def _gemm_operands(
@@ -802,11 +998,15 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             raise FoldRefused("shape_mismatch", f"Gemm B has shape {list(bw.shape)}")
         return trans_b, alpha, beta, bw, c_v, c
 
-    def _fold_gemm(self, node: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[ir.Node, str, ir.Value]:
+    def _fold_gemm(
+        self, node: ir.Node, s: np.ndarray, t: np.ndarray
+    ) -> tuple[ir.Node, str, ir.Value]:
         trans_b, alpha, beta, bw, c_v, c = self._gemm_operands(node, "Gemm")
         n = bw.shape[0] if trans_b else bw.shape[1]
         if s.shape[0] != n:
-            raise FoldRefused("shape_mismatch", f"BN has {s.shape[0]} channels, Gemm produces N={n}")
+            raise FoldRefused(
+                "shape_mismatch", f"BN has {s.shape[0]} channels, Gemm produces N={n}"
+            )
         np_dtype = _FLOAT_DTYPES[bw.dtype]
         if np_dtype != np.float64:
             absmax = _scan_channel_absmax(bw.load, 0 if trans_b else 1, n)
@@ -815,10 +1015,18 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         c64 = numerics.fold_gemm_c(c.load64() if c else None, s, t, beta=beta)
         c_dtype = c.dtype if c is not None else bw.dtype
         c_arr = numerics.round_to(c64, _FLOAT_DTYPES[c_dtype], "Gemm C")
-        self._set_input(node, 1, self._folded(bw, lambda a: numerics.fold_gemm_b(a, s, trans_b=trans_b), node.inputs[1]))
-        self._set_input(node, 2, self._eager(c_arr, c_dtype, c64, _bias_name(c_v, node, "gemm", "_C")))
+        self._set_input(
+            node,
+            1,
+            self._folded(bw, lambda a: numerics.fold_gemm_b(a, s, trans_b=trans_b), node.inputs[1]),
+        )
+        self._set_input(
+            node, 2, self._eager(c_arr, c_dtype, c64, _bias_name(c_v, node, "gemm", "_C"))
+        )
         how = f"B scaled along N ({'rows, transB=1' if trans_b else 'columns, transB=0'}); "
-        how += ("C created" if c is None else "C updated") + (f", beta {beta:g} → 1" if beta != 1.0 and c is not None else "")
+        how += ("C created" if c is None else "C updated") + (
+            f", beta {beta:g} → 1" if beta != 1.0 and c is not None else ""
+        )
         if beta != 1.0:
             node.attributes["beta"] = ir.Attr("beta", ir.AttributeType.FLOAT, 1.0)
         if alpha != 1.0:
@@ -832,18 +1040,36 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         try:
             w = self._weight(b, "MatMul weight")
         except _Keep as keep:
-            if keep.reason in (SkipReason.NON_CONSTANT_WEIGHT,) and a is not None and _is_constish(a):
-                raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, "MatMul's constant is its first input; the BN channel axis is not its output-feature axis") from None
+            if (
+                keep.reason in (SkipReason.NON_CONSTANT_WEIGHT,)
+                and a is not None
+                and _is_constish(a)
+            ):
+                raise _Keep(
+                    SkipReason.UNSUPPORTED_LAYOUT,
+                    "MatMul's constant is its first input; the BN channel axis is not its output-feature axis",
+                ) from None
             raise
         if len(w.shape) != 2:
-            raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"MatMul weight has shape {list(w.shape)}, expected [K, N]")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_LAYOUT,
+                f"MatMul weight has shape {list(w.shape)}, expected [K, N]",
+            )
         rank = _rank(mm.outputs[0]) or _rank(a) or self._rank_of(mm.outputs[0])
         if rank is None:
-            raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, "rank of the MatMul output is unknown; the BN channel axis (1) must be its last axis")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_LAYOUT,
+                "rank of the MatMul output is unknown; the BN channel axis (1) must be its last axis",
+            )
         if rank != 2:
-            raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"MatMul output has rank {rank}; BN normalises axis 1, the features are on axis {rank - 1}")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_LAYOUT,
+                f"MatMul output has rank {rank}; BN normalises axis 1, the features are on axis {rank - 1}",
+            )
         if s.shape[0] != w.shape[1]:
-            raise FoldRefused("shape_mismatch", f"BN has {s.shape[0]} channels, MatMul produces N={w.shape[1]}")
+            raise FoldRefused(
+                "shape_mismatch", f"BN has {s.shape[0]} channels, MatMul produces N={w.shape[1]}"
+            )
         np_dtype = _FLOAT_DTYPES[w.dtype]
         if np_dtype != np.float64:
             absmax = _scan_channel_absmax(w.load, 1, w.shape[1])
@@ -851,23 +1077,41 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             self._check_range(absmax * np.abs(s), np_dtype, "MatMul weight")
         return w
 
-    def _fold_matmul(self, mm: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[ir.Node, str, ir.Value]:
+    def _fold_matmul(
+        self, mm: ir.Node, s: np.ndarray, t: np.ndarray
+    ) -> tuple[ir.Node, str, ir.Value]:
         w = self._matmul_weight(mm, s)
         t_arr = numerics.round_to(t, _FLOAT_DTYPES[w.dtype], "MatMul bias")
         self._set_input(mm, 1, self._folded(w, lambda a: numerics.fold_matmul(a, s), mm.inputs[1]))
         if not np.any(t_arr):
             return mm, "weight columns scaled; shift is zero, no bias added", mm.outputs[0]
-        add_out = self._append_add(mm, self._eager(t_arr, w.dtype, t, f"{mm.name or 'matmul'}_bias"))
+        add_out = self._append_add(
+            mm, self._eager(t_arr, w.dtype, t, f"{mm.name or 'matmul'}_bias")
+        )
         return mm, "weight columns scaled; Add of the shift created", add_out
 
-    def _fold_matmul_add(self, add: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[ir.Node, str, ir.Value]:
+    def _fold_matmul_add(
+        self, add: ir.Node, s: np.ndarray, t: np.ndarray
+    ) -> tuple[ir.Node, str, ir.Value]:
         if len(add.inputs) != 2:
             raise _Keep(SkipReason.UNSUPPORTED_PRODUCER, "input comes from Add")
-        mm_idx = next((i for i, v in enumerate(add.inputs) if v is not None and v.producer() is not None
-                       and v.producer().op_type == "MatMul" and v.producer().domain in _STD
-                       and v.producer().graph is add.graph), None)
+        mm_idx = next(
+            (
+                i
+                for i, v in enumerate(add.inputs)
+                if v is not None
+                and v.producer() is not None
+                and v.producer().op_type == "MatMul"
+                and v.producer().domain in _STD
+                and v.producer().graph is add.graph
+            ),
+            None,
+        )
         if mm_idx is None:
-            raise _Keep(SkipReason.UNSUPPORTED_PRODUCER, f"input comes from Add {_node_label(add)}, not MatMul + Add")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_PRODUCER,
+                f"input comes from Add {_node_label(add)}, not MatMul + Add",
+            )
         mm_out = add.inputs[mm_idx]
         mm = mm_out.producer()
         bias_v = add.inputs[1 - mm_idx]
@@ -875,13 +1119,19 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         copied = ""
         if len(mm_out.uses()) != 1 or mm_out.is_graph_output():
             if not self.duplicate_shared:
-                raise _Keep(SkipReason.PRODUCER_OUTPUT_SHARED, f"MatMul output {mm_out.name} is also used elsewhere")
+                raise _Keep(
+                    SkipReason.PRODUCER_OUTPUT_SHARED,
+                    f"MatMul output {mm_out.name} is also used elsewhere",
+                )
             mm = self._duplicate(mm, add, mm_idx)
             copied = f" (into a copy of MatMul {_node_label(mm_out.producer())})"
         w = self._matmul_weight(mm, s)
         n = w.shape[1]
         if bias.shape not in ((n,), (1, n)):
-            raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"Add bias has shape {list(bias.shape)}, expected [{n}] or [1, {n}]")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_LAYOUT,
+                f"Add bias has shape {list(bias.shape)}, expected [{n}] or [1, {n}]",
+            )
         b64 = numerics.fold_bias(bias.load64(), s, t)
         b_arr = numerics.round_to(b64, _FLOAT_DTYPES[bias.dtype], "Add bias")
         self._set_input(mm, 1, self._folded(w, lambda a: numerics.fold_matmul(a, s), mm.inputs[1]))
@@ -908,12 +1158,18 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         self._modified = True
         ops = sorted({p.node.op_type for p in plans})
         return BNDecision(
-            name=_node_label(bn), folded=True, direction="forward",
-            target=", ".join(_node_label(p.node) for p in plans), target_op=", ".join(ops),
-            detail="; ".join(details), graph=scope,
+            name=_node_label(bn),
+            folded=True,
+            direction="forward",
+            target=", ".join(_node_label(p.node) for p in plans),
+            target_op=", ".join(ops),
+            detail="; ".join(details),
+            graph=scope,
         )
 
-    def _plan_forward(self, value: ir.Value, vec: _Vec, graph: ir.Graph, plans: list[_Plan], path: list[ir.Node]) -> None:
+    def _plan_forward(
+        self, value: ir.Value, vec: _Vec, graph: ir.Graph, plans: list[_Plan], path: list[ir.Node]
+    ) -> None:
         """Check every consumer of ``value`` (recursively through commuting ops); add one plan per
         node to fold into. Raises _NoTarget / _Keep when any path cannot take the fold."""
         via = f" (via {' → '.join(f'{n.op_type} {_node_label(n)}' for n in path)})" if path else ""
@@ -936,8 +1192,13 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                 out = node.outputs[0]
                 if out.is_graph_output():
                     raise _NoTarget(f"the output of {what}{via} is a graph output")
-                flat = _Vec(numerics.repeat_blocks(vec.s, block), numerics.repeat_blocks(vec.t, block),
-                            features=True, channels=vec.channels, block=vec.block * block)
+                flat = _Vec(
+                    numerics.repeat_blocks(vec.s, block),
+                    numerics.repeat_blocks(vec.t, block),
+                    features=True,
+                    channels=vec.channels,
+                    block=vec.block * block,
+                )
                 self._plan_forward(out, flat, graph, plans, path + [node])
             elif op == "Conv" and idx == 0 and not vec.features:
                 plans.append(self._plan_conv(node, vec, via))
@@ -956,23 +1217,33 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         if op in ("MaxPool", "GlobalMaxPool"):
             bad = np.flatnonzero(vec.s <= 0)
             if bad.size:
-                raise _Keep(SkipReason.NON_POSITIVE_SCALE,
-                            f"through {label}: the BN scale is ≤ 0 on {bad.size} of {vec.s.size} channels "
-                            f"(channel {int(bad[0])}: {vec.s[bad[0]]:.3g}); max does not commute with it")
+                raise _Keep(
+                    SkipReason.NON_POSITIVE_SCALE,
+                    f"through {label}: the BN scale is ≤ 0 on {bad.size} of {vec.s.size} channels "
+                    f"(channel {int(bad[0])}: {vec.s[bad[0]]:.3g}); max does not commute with it",
+                )
         elif op == "AveragePool":
             counted = int(_attr(node, "count_include_pad", 0))
             auto_pad = _str_attr(node, "auto_pad", "NOTSET")
             pads = list(_attr(node, "pads", []) or [])
-            padded = auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(pads) or int(_attr(node, "ceil_mode", 0))
+            padded = (
+                auto_pad in ("SAME_UPPER", "SAME_LOWER")
+                or any(pads)
+                or int(_attr(node, "ceil_mode", 0))
+            )
             if counted and padded:
-                raise _Keep(SkipReason.PADDED_CONSUMER,
-                            f"through {label}: count_include_pad=1 averages padded zeros, which the BN's shift would move")
+                raise _Keep(
+                    SkipReason.PADDED_CONSUMER,
+                    f"through {label}: count_include_pad=1 averages padded zeros, which the BN's shift would move",
+                )
         elif op == "Dropout":
             if self._opset < 7 and not _attr(node, "is_test", 0):
                 raise _NoTarget(f"{label} runs in training mode (is_test=0)")
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 try:
-                    mode = self._const(node.inputs[2], what="Dropout training_mode", weight=False).load()
+                    mode = self._const(
+                        node.inputs[2], what="Dropout training_mode", weight=False
+                    ).load()
                 except _Keep:
                     raise _NoTarget(f"{label}'s training_mode is not a constant") from None
                 if np.any(mode):
@@ -985,17 +1256,28 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         dims = self._shape_of(value)
         channels = vec.s.shape[0]
         if dims is None or len(dims) < 2:
-            raise _Keep(SkipReason.UNKNOWN_SHAPE, f"the shape of {value.name} before {label} is unknown")
+            raise _Keep(
+                SkipReason.UNKNOWN_SHAPE, f"the shape of {value.name} before {label} is unknown"
+            )
         if dims[1] is not None and dims[1] != channels:
-            raise FoldRefused("shape_mismatch", f"{value.name} has {dims[1]} channels, the BN {channels}")
+            raise FoldRefused(
+                "shape_mismatch", f"{value.name} has {dims[1]} channels, the BN {channels}"
+            )
         if any(d is None for d in dims[2:]):
-            raise _Keep(SkipReason.UNKNOWN_SHAPE, f"the spatial size {_dims_str(dims)} of {value.name} before {label} is not static")
+            raise _Keep(
+                SkipReason.UNKNOWN_SHAPE,
+                f"the spatial size {_dims_str(dims)} of {value.name} before {label} is not static",
+            )
         if any(d is not None and d < 1 for d in dims[2:]):
-            raise FoldRefused("shape_mismatch", f"{value.name} declares the shape {_dims_str(dims)}")
+            raise FoldRefused(
+                "shape_mismatch", f"{value.name} declares the shape {_dims_str(dims)}"
+            )
         block = int(np.prod(dims[2:], dtype=np.int64)) if len(dims) > 2 else 1
         if block < 1 or channels * block > _MAX_COMPUTED_ELEMENTS:
-            raise FoldRefused("shape_mismatch", f"{value.name} declares the shape {_dims_str(dims)}, "
-                              f"{block} features per channel")
+            raise FoldRefused(
+                "shape_mismatch",
+                f"{value.name} declares the shape {_dims_str(dims)}, {block} features per channel",
+            )
         features = channels * block
         if node.op_type == "Flatten":
             axis = int(_attr(node, "axis", 1))
@@ -1012,14 +1294,18 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                 raise _Keep(SkipReason.UNKNOWN_SHAPE, f"the output shape of {label} is unknown")
             out = out_dims
         if len(out) != 2 or out[1] != features:
-            raise _NoTarget(f"{label} reshapes {_dims_str(dims)} to {_dims_str(out)}, not to [N, {features}]")
+            raise _NoTarget(
+                f"{label} reshapes {_dims_str(dims)} to {_dims_str(out)}, not to [N, {features}]"
+            )
         return block
 
     def _reshape_target(self, node: ir.Node, dims: list[int | None]) -> list[int | None] | None:
         """The output dims of a Reshape with a constant shape, or None when its shape is computed.
         A -1 is resolved only when every other output dim is known."""
         try:
-            c = self._const(node.inputs[1] if len(node.inputs) > 1 else None, what="Reshape shape", weight=False)
+            c = self._const(
+                node.inputs[1] if len(node.inputs) > 1 else None, what="Reshape shape", weight=False
+            )
         except _Keep:
             return None
         if c.dtype not in _INT_DTYPES:
@@ -1038,7 +1324,13 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             total = np.prod(dims) if all(d is not None for d in dims) else None
             if total is not None and all(d is not None for d in rest) and np.prod(rest) > 0:
                 out[i] = int(total // np.prod(rest))
-            elif len(shape) == 2 and i == 1 and shape[0] == 0 and not allowzero and all(d is not None for d in dims[1:]):
+            elif (
+                len(shape) == 2
+                and i == 1
+                and shape[0] == 0
+                and not allowzero
+                and all(d is not None for d in dims[1:])
+            ):
                 out[i] = int(np.prod(dims[1:], dtype=np.int64))  # [0, -1]: keep N, flatten the rest
             else:
                 out[i] = None
@@ -1052,12 +1344,17 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         group = int(_attr(node, "group", 1))
         cout, kernel = w.shape[0], tuple(w.shape[2:])
         if group < 1 or cout % group or w.shape[1] * group != vec.channels:
-            raise FoldRefused("shape_mismatch", f"BN has {vec.channels} channels; {label} reads "
-                              f"{w.shape[1] * group} (weight {list(w.shape)}, group={group})")
+            raise FoldRefused(
+                "shape_mismatch",
+                f"BN has {vec.channels} channels; {label} reads "
+                f"{w.shape[1] * group} (weight {list(w.shape)}, group={group})",
+            )
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
         b = self._weight(bias_v, "Conv bias") if bias_v is not None else None
         if b is not None and tuple(b.shape) != (cout,):
-            raise FoldRefused("shape_mismatch", f"{label} bias has shape {list(b.shape)}, expected [{cout}]")
+            raise FoldRefused(
+                "shape_mismatch", f"{label} bias has shape {list(b.shape)}, expected [{cout}]"
+            )
         n = len(kernel)
         strides = list(_attr(node, "strides", None) or [1] * n)
         dilations = list(_attr(node, "dilations", None) or [1] * n)
@@ -1081,7 +1378,11 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         w.release()
         np_dtype = _FLOAT_DTYPES[w.dtype]
         if np_dtype != np.float64:
-            self._check_range(np.abs(numerics.fold_conv_input(w64, vec.s, group)).reshape(-1), np_dtype, "Conv weight")
+            self._check_range(
+                np.abs(numerics.fold_conv_input(w64, vec.s, group)).reshape(-1),
+                np_dtype,
+                "Conv weight",
+            )
         delta = numerics.conv_input_shift(w64, vec.t, group)
         correction = None
         padded = pads is None or any(pads)
@@ -1089,17 +1390,25 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             if in_spatial is None:
                 in_spatial = spatial()
             if in_spatial is None or pads is None:
-                raise _Keep(SkipReason.PADDED_CONSUMER,
-                            f"{label}{via} pads its input ({auto_pad if pads is None else 'pads=' + str(pads)}) and the input's "
-                            f"spatial size {_dims_str(in_dims) if in_dims else '(unknown)'} is not static, so the border "
-                            f"cannot be compensated")
-            out_spatial = [(in_spatial[d] + pads[d] + pads[n + d] - ((kernel[d] - 1) * dilations[d] + 1)) // strides[d] + 1
-                           for d in range(n)]
+                raise _Keep(
+                    SkipReason.PADDED_CONSUMER,
+                    f"{label}{via} pads its input ({auto_pad if pads is None else 'pads=' + str(pads)}) and the input's "
+                    f"spatial size {_dims_str(in_dims) if in_dims else '(unknown)'} is not static, so the border "
+                    f"cannot be compensated",
+                )
+            out_spatial = [
+                (in_spatial[d] + pads[d] + pads[n + d] - ((kernel[d] - 1) * dilations[d] + 1))
+                // strides[d]
+                + 1
+                for d in range(n)
+            ]
             size = cout * int(np.prod(out_spatial, dtype=np.int64))
             if size > MAX_BORDER_CORRECTION:
-                raise _Keep(SkipReason.PADDED_CONSUMER,
-                            f"{label}{via} pads its input; compensating the border would add a constant of "
-                            f"{size} values (limit {MAX_BORDER_CORRECTION})")
+                raise _Keep(
+                    SkipReason.PADDED_CONSUMER,
+                    f"{label}{via} pads its input; compensating the border would add a constant of "
+                    f"{size} values (limit {MAX_BORDER_CORRECTION})",
+                )
             kmap = numerics.conv_shift_map(w64, vec.t, group, in_spatial, pads, strides, dilations)
             correction64 = (kmap - delta.reshape((-1,) + (1,) * n))[None]
             if np.any(correction64):
@@ -1107,15 +1416,29 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         del w64
         bias64 = (b.load64() if b is not None else 0.0) + delta
         bias_dtype = b.dtype if b is not None else w.dtype
-        bias_arr = numerics.round_to(np.asarray(bias64, dtype=np.float64), _FLOAT_DTYPES[bias_dtype], "Conv bias")
-        corr_arr = numerics.round_to(correction, np_dtype, "Conv border correction") if correction is not None else None
+        bias_arr = numerics.round_to(
+            np.asarray(bias64, dtype=np.float64), _FLOAT_DTYPES[bias_dtype], "Conv bias"
+        )
+        corr_arr = (
+            numerics.round_to(correction, np_dtype, "Conv border correction")
+            if correction is not None
+            else None
+        )
         s = vec.s
 
         def apply() -> str:
-            self._set_input(node, 1, self._folded(w, lambda a: numerics.fold_conv_input(a, s, group), node.inputs[1]))
-            self._set_input(node, 2, self._eager(bias_arr, bias_dtype, bias64, _bias_name(bias_v, node, "conv")))
-            how = (f"{label}{via}: weight scaled along input channels (axis 1, group={group}); "
-                   f"bias {'updated' if b is not None else 'created'}")
+            self._set_input(
+                node,
+                1,
+                self._folded(w, lambda a: numerics.fold_conv_input(a, s, group), node.inputs[1]),
+            )
+            self._set_input(
+                node, 2, self._eager(bias_arr, bias_dtype, bias64, _bias_name(bias_v, node, "conv"))
+            )
+            how = (
+                f"{label}{via}: weight scaled along input channels (axis 1, group={group}); "
+                f"bias {'updated' if b is not None else 'created'}"
+            )
             if corr_arr is not None:
                 name = f"{node.name or 'conv'}_border"
                 self._append_add(node, self._eager(corr_arr, w.dtype, correction, name))
@@ -1129,23 +1452,34 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
     def _plan_gemm(self, node: ir.Node, vec: _Vec, via: str) -> _Plan:
         label = f"Gemm {_node_label(node)}"
         if int(_attr(node, "transA", 0)):
-            raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"{label}{via} has transA=1: the BN channels are its M axis")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_LAYOUT,
+                f"{label}{via} has transA=1: the BN channels are its M axis",
+            )
         trans_b, alpha, beta, bw, c_v, c = self._gemm_operands(node, label)
         k = bw.shape[1] if trans_b else bw.shape[0]
         if k != vec.s.shape[0]:
-            raise FoldRefused("shape_mismatch", f"{label} reads K={k} features, the BN gives {vec.s.shape[0]}")
+            raise FoldRefused(
+                "shape_mismatch", f"{label} reads K={k} features, the BN gives {vec.s.shape[0]}"
+            )
         n_out = bw.shape[0] if trans_b else bw.shape[1]
         if c is not None:
             try:
                 np.broadcast_shapes(tuple(c.shape), (n_out,))
             except ValueError:
-                raise FoldRefused("shape_mismatch", f"{label} C has shape {list(c.shape)}, which does not "
-                                  f"broadcast to N={n_out}") from None
+                raise FoldRefused(
+                    "shape_mismatch",
+                    f"{label} C has shape {list(c.shape)}, which does not broadcast to N={n_out}",
+                ) from None
         b64 = bw.load64()
         bw.release()
         np_dtype = _FLOAT_DTYPES[bw.dtype]
         if np_dtype != np.float64:
-            self._check_range(np.abs(numerics.fold_gemm_input(b64, vec.s, trans_b=trans_b)).reshape(-1), np_dtype, "Gemm B")
+            self._check_range(
+                np.abs(numerics.fold_gemm_input(b64, vec.s, trans_b=trans_b)).reshape(-1),
+                np_dtype,
+                "Gemm B",
+            )
         shift = np.float64(alpha) * numerics.gemm_input_shift(b64, vec.t, trans_b=trans_b)
         del b64
         c64 = shift if c is None else np.float64(beta) * c.load64() + shift
@@ -1154,12 +1488,22 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         s = vec.s
 
         def apply() -> str:
-            self._set_input(node, 1, self._folded(bw, lambda a: numerics.fold_gemm_input(a, s, trans_b=trans_b), node.inputs[1]))
-            self._set_input(node, 2, self._eager(c_arr, c_dtype, c64, _bias_name(c_v, node, "gemm", "_C")))
+            self._set_input(
+                node,
+                1,
+                self._folded(
+                    bw, lambda a: numerics.fold_gemm_input(a, s, trans_b=trans_b), node.inputs[1]
+                ),
+            )
+            self._set_input(
+                node, 2, self._eager(c_arr, c_dtype, c64, _bias_name(c_v, node, "gemm", "_C"))
+            )
             if beta != 1.0:
                 node.attributes["beta"] = ir.Attr("beta", ir.AttributeType.FLOAT, 1.0)
-            return (f"{label}{via}: B scaled along K ({'columns, transB=1' if trans_b else 'rows, transB=0'}"
-                    f"{f', blocks of {vec.block}' if vec.block > 1 else ''}); C {'updated' if c is not None else 'created'}")
+            return (
+                f"{label}{via}: B scaled along K ({'columns, transB=1' if trans_b else 'rows, transB=0'}"
+                f"{f', blocks of {vec.block}' if vec.block > 1 else ''}); C {'updated' if c is not None else 'created'}"
+            )
 
         return _Plan(node, apply)
 
@@ -1168,21 +1512,37 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         if not vec.features:
             rank = self._rank_of(value)
             if rank is None:
-                raise _Keep(SkipReason.UNKNOWN_SHAPE, f"the rank of {value.name}, read by {label}{via}, is unknown")
+                raise _Keep(
+                    SkipReason.UNKNOWN_SHAPE,
+                    f"the rank of {value.name}, read by {label}{via}, is unknown",
+                )
             if rank != 2:
-                raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"{label}{via} contracts the last axis of a rank-{rank} tensor; the BN channel axis is 1")
+                raise _Keep(
+                    SkipReason.UNSUPPORTED_LAYOUT,
+                    f"{label}{via} contracts the last axis of a rank-{rank} tensor; the BN channel axis is 1",
+                )
         if len(node.inputs) != 2:
             raise _Keep(SkipReason.INVALID_PARAMS, f"{label} needs 2 inputs")
         w = self._weight(node.inputs[1], "MatMul weight")
         if len(w.shape) != 2:
-            raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"{label} weight has shape {list(w.shape)}, expected [K, N]")
+            raise _Keep(
+                SkipReason.UNSUPPORTED_LAYOUT,
+                f"{label} weight has shape {list(w.shape)}, expected [K, N]",
+            )
         if w.shape[0] != vec.s.shape[0]:
-            raise FoldRefused("shape_mismatch", f"{label} reads K={w.shape[0]} features, the BN gives {vec.s.shape[0]}")
+            raise FoldRefused(
+                "shape_mismatch",
+                f"{label} reads K={w.shape[0]} features, the BN gives {vec.s.shape[0]}",
+            )
         w64 = w.load64()
         w.release()
         np_dtype = _FLOAT_DTYPES[w.dtype]
         if np_dtype != np.float64:
-            self._check_range(np.abs(numerics.fold_gemm_input(w64, vec.s, trans_b=False)).reshape(-1), np_dtype, "MatMul weight")
+            self._check_range(
+                np.abs(numerics.fold_gemm_input(w64, vec.s, trans_b=False)).reshape(-1),
+                np_dtype,
+                "MatMul weight",
+            )
         shift = numerics.gemm_input_shift(w64, vec.t, trans_b=False)
         del w64
         out = node.outputs[0]
@@ -1190,13 +1550,22 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         bias_add, bias_idx, bias = None, None, None
         if len(uses) == 1 and not out.is_graph_output():
             user = uses[0].node
-            if (user.op_type == "Add" and user.domain in _STD and len(user.inputs) == 2 and user.graph is node.graph
-                    and user.inputs[0] is not user.inputs[1]):
+            if (
+                user.op_type == "Add"
+                and user.domain in _STD
+                and len(user.inputs) == 2
+                and user.graph is node.graph
+                and user.inputs[0] is not user.inputs[1]
+            ):
                 other = 1 - uses[0].idx
                 try:
                     cand = self._weight(user.inputs[other], "Add bias")
-                    if len(cand.shape) <= 2 and np.broadcast_shapes(cand.shape, shift.shape) in (tuple(cand.shape), shift.shape) \
-                            and (len(cand.shape) < 2 or cand.shape[0] == 1):
+                    if (
+                        len(cand.shape) <= 2
+                        and np.broadcast_shapes(cand.shape, shift.shape)
+                        in (tuple(cand.shape), shift.shape)
+                        and (len(cand.shape) < 2 or cand.shape[0] == 1)
+                    ):
                         bias_add, bias_idx, bias = user, other, cand
                 except (_Keep, ValueError):
                     pass
@@ -1209,15 +1578,25 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         s = vec.s
 
         def apply() -> str:
-            self._set_input(node, 1, self._folded(w, lambda a: numerics.fold_gemm_input(a, s, trans_b=False), node.inputs[1]))
+            self._set_input(
+                node,
+                1,
+                self._folded(
+                    w, lambda a: numerics.fold_gemm_input(a, s, trans_b=False), node.inputs[1]
+                ),
+            )
             how = f"{label}{via}: weight rows scaled{f' (blocks of {vec.block})' if vec.block > 1 else ''}; "
             if bias_add is not None:
                 bias_v = bias_add.inputs[bias_idx]
-                self._set_input(bias_add, bias_idx, self._eager(b_arr, b_dtype, b64, bias_v.name or "bias"))
+                self._set_input(
+                    bias_add, bias_idx, self._eager(b_arr, b_dtype, b64, bias_v.name or "bias")
+                )
                 return how + "following Add bias updated"
             if not np.any(b_arr):
                 return how + "shift is zero, no bias added"
-            self._append_add(node, self._eager(b_arr, b_dtype, b64, f"{node.name or 'matmul'}_bias"))
+            self._append_add(
+                node, self._eager(b_arr, b_dtype, b64, f"{node.name or 'matmul'}_bias")
+            )
             return how + "Add of the shift created"
 
         return _Plan(node, apply)
@@ -1230,8 +1609,14 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         producer, data = None, None
         for v in first.inputs[:2]:
             p = v.producer() if v is not None else None
-            if (p is not None and p.graph is graph and p.domain in _STD and p.op_type in _PRODUCERS
-                    and len(v.uses()) == 1 and not v.is_graph_output()):
+            if (
+                p is not None
+                and p.graph is graph
+                and p.domain in _STD
+                and p.op_type in _PRODUCERS
+                and len(v.uses()) == 1
+                and not v.is_graph_output()
+            ):
                 producer, data = p, v
                 break
         if producer is None or not self._has_scale_op(first, graph):
@@ -1267,12 +1652,20 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             return None  # a lone bias Add is not a BN (and Conv/Gemm already have one)
         if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
             return None
-        handler = {"Conv": self._fold_conv, "ConvTranspose": self._fold_conv,
-                   "Gemm": self._fold_gemm, "MatMul": self._fold_matmul}[producer.op_type]
+        handler = {
+            "Conv": self._fold_conv,
+            "ConvTranspose": self._fold_conv,
+            "Gemm": self._fold_gemm,
+            "MatMul": self._fold_matmul,
+        }[producer.op_type]
         try:
             target, how, new_out = handler(producer, s, t)
         except (_Keep, FoldRefused) as exc:
-            logger.debug("decomposed BN %s not folded: %s", [_node_label(n) for n in chain], _as_keep(exc).detail)
+            logger.debug(
+                "decomposed BN %s not folded: %s",
+                [_node_label(n) for n in chain],
+                _as_keep(exc).detail,
+            )
             return None
         last = chain[-1].outputs[0]
         if last.is_graph_output():
@@ -1287,9 +1680,13 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         self._dead_candidates.extend(consts)
         self._modified = True
         return BNDecision(
-            name=" + ".join(_node_label(n) for n in chain), folded=True, direction="decomposed",
-            target=_node_label(target), target_op=target.op_type,
-            detail=f"{' → '.join(steps)} folded: {how}", graph=scope,
+            name=" + ".join(_node_label(n) for n in chain),
+            folded=True,
+            direction="decomposed",
+            target=_node_label(target),
+            target_op=target.op_type,
+            detail=f"{' → '.join(steps)} folded: {how}",
+            graph=scope,
         )
 
     @staticmethod
@@ -1305,7 +1702,11 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             if out.is_graph_output() or len(uses) != 1:
                 return False
             node = uses[0].node
-            if node.graph is not graph or node.domain not in _STD or node.op_type not in _AFFINE_OPS:
+            if (
+                node.graph is not graph
+                or node.domain not in _STD
+                or node.op_type not in _AFFINE_OPS
+            ):
                 return False
         return False
 
@@ -1327,8 +1728,9 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             raise _Keep(SkipReason.UNSUPPORTED_LAYOUT, f"MatMul output rank {rank}")
         return 2, w.shape[1]
 
-    def _affine_operand(self, node: ir.Node, data: ir.Value, rank: int, channels: int
-                        ) -> tuple[np.ndarray, bool, tuple[int, ...]] | None:
+    def _affine_operand(
+        self, node: ir.Node, data: ir.Value, rank: int, channels: int
+    ) -> tuple[np.ndarray, bool, tuple[int, ...]] | None:
         """(per-channel constant as [C], constant-is-first, its shape) when ``node`` applies a
         per-channel constant to ``data``; None otherwise. The constant must broadcast along the channel
         axis only: size 1 on every other axis after right-alignment, and no more axes than the data."""
@@ -1384,46 +1786,89 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         if why is not None:
             return dataclasses.replace(decision, detail=f"{decision.detail}; not lowered: {why}")
         base = bn.name or "bn"
-        mul_out = ir.Value(name=self._fresh(f"{y.name or base}_scaled"), type=ir.TensorType(dtype), shape=x.shape)
-        add_out = ir.Value(name=self._fresh(f"{y.name or base}_lowered"), type=y.type or ir.TensorType(dtype), shape=y.shape)
-        mul = ir.Node("", "Mul", inputs=[x, None], outputs=[mul_out], name=self._fresh(f"{base}_mul"))
-        add = ir.Node("", "Add", inputs=[mul_out, None], outputs=[add_out], name=self._fresh(f"{base}_add"))
+        mul_out = ir.Value(
+            name=self._fresh(f"{y.name or base}_scaled"), type=ir.TensorType(dtype), shape=x.shape
+        )
+        add_out = ir.Value(
+            name=self._fresh(f"{y.name or base}_lowered"),
+            type=y.type or ir.TensorType(dtype),
+            shape=y.shape,
+        )
+        mul = ir.Node(
+            "", "Mul", inputs=[x, None], outputs=[mul_out], name=self._fresh(f"{base}_mul")
+        )
+        add = ir.Node(
+            "", "Add", inputs=[mul_out, None], outputs=[add_out], name=self._fresh(f"{base}_add")
+        )
         bn.graph.insert_before(bn, [mul, add])
-        mul.replace_input_with(1, self._const_input(self._eager(s_arr, dtype, s.reshape(shape), f"{base}_scale"), mul))
-        add.replace_input_with(1, self._const_input(self._eager(t_arr, dtype, t.reshape(shape), f"{base}_shift"), add))
+        mul.replace_input_with(
+            1, self._const_input(self._eager(s_arr, dtype, s.reshape(shape), f"{base}_scale"), mul)
+        )
+        add.replace_input_with(
+            1, self._const_input(self._eager(t_arr, dtype, t.reshape(shape), f"{base}_shift"), add)
+        )
         self._bypass(bn, add_out)
         self._modified = True
-        return dataclasses.replace(decision, direction="lowered", detail=f"{decision.detail}; lowered to Mul + Add")
+        return dataclasses.replace(
+            decision, direction="lowered", detail=f"{decision.detail}; lowered to Mul + Add"
+        )
 
     # ------------------------------------------------------------------ rewiring helpers
     def _check_range(self, values: np.ndarray, dtype: np.dtype, what: str) -> None:
         limit = float(ml_dtypes.finfo(dtype).max)
-        values = np.where(np.isnan(values), 0.0, values)  # a NaN weight stays NaN; it must not hide an overflow
+        values = np.where(
+            np.isnan(values), 0.0, values
+        )  # a NaN weight stays NaN; it must not hide an overflow
         if values.size and float(np.max(values)) > limit:
-            raise FoldRefused("overflow", f"folded {what} would reach {float(np.max(values)):.3g}, beyond the {dtype} maximum {limit:.3g}")
+            raise FoldRefused(
+                "overflow",
+                f"folded {what} would reach {float(np.max(values)):.3g}, beyond the {dtype} maximum {limit:.3g}",
+            )
 
-    def _folded(self, c: _Const, formula: Callable[[np.ndarray], np.ndarray], old: ir.Value) -> FoldedTensor:
+    def _folded(
+        self, c: _Const, formula: Callable[[np.ndarray], np.ndarray], old: ir.Value
+    ) -> FoldedTensor:
         """A lazy folded weight: ``formula`` applied to the float64 original when it is written."""
         load = _load64_then_release(c)
         return FoldedTensor(lambda: formula(load()), c.dtype, c.shape, self._fresh(old.name or "W"))
 
-    def _eager(self, arr: np.ndarray, dtype: ir.DataType, arr64: np.ndarray, base: str) -> FoldedTensor:
-        return FoldedTensor(lambda a=arr64: np.asarray(a, dtype=np.float64), dtype, tuple(arr.shape), self._fresh(base))
+    def _eager(
+        self, arr: np.ndarray, dtype: ir.DataType, arr64: np.ndarray, base: str
+    ) -> FoldedTensor:
+        return FoldedTensor(
+            lambda a=arr64: np.asarray(a, dtype=np.float64),
+            dtype,
+            tuple(arr.shape),
+            self._fresh(base),
+        )
 
     def _const_input(self, tensor: ir.TensorProtocol, user: ir.Node) -> ir.Value:
         """A value holding ``tensor`` that ``user`` can read: an initializer of the main graph (and an
         input, in IR < 4) or of an IR ≥ 4 subgraph; a ``Constant`` node in a function or IR < 4
         subgraph (functions have no initializers; IR < 4 initializers must be graph inputs)."""
         graph = user.graph
-        if graph is self._graph or (id(graph) not in self._function_graphs and self._ir_version >= 4):
-            value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        if graph is self._graph or (
+            id(graph) not in self._function_graphs and self._ir_version >= 4
+        ):
+            value = ir.Value(
+                name=tensor.name,
+                shape=tensor.shape,
+                type=ir.TensorType(tensor.dtype),
+                const_value=tensor,
+            )
             graph.register_initializer(value)
             if graph is self._graph and self._ir_version < 4:
                 graph.inputs.append(value)
             return value
         value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
-        node = ir.Node("", "Constant", inputs=[], attributes=[ir.AttrTensor("value", tensor)], outputs=[value],
-                       name=self._fresh(f"{tensor.name}_constant"))
+        node = ir.Node(
+            "",
+            "Constant",
+            inputs=[],
+            attributes=[ir.AttrTensor("value", tensor)],
+            outputs=[value],
+            name=self._fresh(f"{tensor.name}_constant"),
+        )
         graph.insert_before(user, node)
         return value
 
@@ -1444,8 +1889,16 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         included, by name) read the sum instead; return the sum."""
         out = node.outputs[0]
         uses = list(out.uses())
-        add_out = ir.Value(name=self._fresh(f"{out.name or 'out'}_biased"), type=out.type, shape=out.shape)
-        add = ir.Node("", "Add", inputs=[out, None], outputs=[add_out], name=self._fresh(f"{node.name or node.op_type}_bias_add"))
+        add_out = ir.Value(
+            name=self._fresh(f"{out.name or 'out'}_biased"), type=out.type, shape=out.shape
+        )
+        add = ir.Node(
+            "",
+            "Add",
+            inputs=[out, None],
+            outputs=[add_out],
+            name=self._fresh(f"{node.name or node.op_type}_bias_add"),
+        )
         graph = node.graph
         graph.insert_after(node, add)
         add.replace_input_with(1, self._const_input(tensor, add))
@@ -1480,8 +1933,13 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
             while id(root) in replaced_by:
                 root = replaced_by[id(root)]
             name, root_producer = root.name, root.producer()
-            gone = (not root.uses() and not root.is_initializer() and not root.is_graph_input()
-                    and not root.is_graph_output() and (root_producer is None or root_producer.graph is None))
+            gone = (
+                not root.uses()
+                and not root.is_initializer()
+                and not root.is_graph_input()
+                and not root.is_graph_output()
+                and (root_producer is None or root_producer.graph is None)
+            )
             if not name or not gone or name in taken or name in graph.initializers:
                 continue
             taken.add(name)
@@ -1527,9 +1985,13 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
                 graph.initializers.pop(v.name, None)
                 continue
             producer = v.producer()
-            if (producer is not None and producer.graph is not None and producer.domain in _STD
-                    and producer.op_type in _CONST_OPS
-                    and all(not o.uses() and not o.is_graph_output() for o in producer.outputs)):
+            if (
+                producer is not None
+                and producer.graph is not None
+                and producer.domain in _STD
+                and producer.op_type in _CONST_OPS
+                and all(not o.uses() and not o.is_graph_output() for o in producer.outputs)
+            ):
                 inputs = [i for i in producer.inputs if i is not None]
                 producer.graph.remove(producer, safe=True)
                 stack.extend(inputs)

@@ -219,7 +219,9 @@ def _fmt_err(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def render(report: FoldReport, console: Any, *, verbose: bool = False, dry_run: bool = False) -> None:
+def render(
+    report: FoldReport, console: Any, *, verbose: bool = False, dry_run: bool = False
+) -> None:
     """Draw the report on a rich Console: BN table, verification table, timings, PASSED/FAILED."""
     from rich.table import Table
 
@@ -235,7 +237,11 @@ def render(report: FoldReport, console: Any, *, verbose: bool = False, dry_run: 
         rows = report.kept
     for d in rows:
         if d.folded:
-            how = f"[green]folded[/] ({d.direction})" if d.direction and d.direction != "backward" else "[green]folded[/]"
+            how = (
+                f"[green]folded[/] ({d.direction})"
+                if d.direction and d.direction != "backward"
+                else "[green]folded[/]"
+            )
             table.add_row(d.name, how, f"{d.target_op} {d.target}", d.detail)
         else:
             table.add_row(d.name, "[yellow]kept[/]", d.reason.value if d.reason else "", d.detail)
@@ -244,7 +250,12 @@ def render(report: FoldReport, console: Any, *, verbose: bool = False, dry_run: 
         for d in report.folded:
             by_op[d.target_op or "?"] = by_op.get(d.target_op or "?", 0) + 1
         summary = ", ".join(f"{n} into {op}" for op, n in sorted(by_op.items()))
-        table.add_row(f"({len(report.folded)} more)", "[green]folded[/]", summary, "use --verbose to list each")
+        table.add_row(
+            f"({len(report.folded)} more)",
+            "[green]folded[/]",
+            summary,
+            "use --verbose to list each",
+        )
     if report.decisions:
         console.print(table)
     else:
@@ -255,7 +266,9 @@ def render(report: FoldReport, console: Any, *, verbose: bool = False, dry_run: 
     )
 
     if dry_run:
-        console.print("Dry run: nothing written. 'bnfold fold' would do the above and verify the result.")
+        console.print(
+            "Dry run: nothing written. 'bnfold fold' would do the above and verify the result."
+        )
         return
     v = report.verification
     if v is not None:
@@ -292,7 +305,10 @@ def render_verification(v: Any, console: Any, *, title: str | None = None) -> No
         console.print(f"[yellow]Verification skipped:[/] {v.skipped_reason}")
         return
     if v.outputs:
-        vt = Table(title=title or "Verification (ONNX Runtime, CPU, optimizations disabled)", title_justify="left")
+        vt = Table(
+            title=title or "Verification (ONNX Runtime, CPU, optimizations disabled)",
+            title_justify="left",
+        )
         for col in ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"):
             vt.add_column(col, overflow="fold")
         for o in v.outputs:
@@ -312,9 +328,12 @@ def render_verification(v: Any, console: Any, *, title: str | None = None) -> No
             if getattr(o, "message", None):
                 console.print(f"[red]{o.name}: {o.message}[/]")
             if not o.passed and o.nan_or_inf_mismatch == 0 and not getattr(o, "message", None):
-                console.print(f"{o.name}: worst element {list(o.worst_index or ())}; would pass with "
-                              f"atol ≥ {o.min_atol_to_pass:.3g} (at rtol {o.rtol:g}) or rtol ≥ "
-                              f"{o.min_rtol_to_pass:.3g} (at atol {o.atol:g})", markup=False)
+                console.print(
+                    f"{o.name}: worst element {list(o.worst_index or ())}; would pass with "
+                    f"atol ≥ {o.min_atol_to_pass:.3g} (at rtol {o.rtol:g}) or rtol ≥ "
+                    f"{o.min_rtol_to_pass:.3g} (at atol {o.atol:g})",
+                    markup=False,
+                )
     if getattr(v, "message", None):
         console.print(f"[red]{v.message}[/]")
 
@@ -323,9 +342,21 @@ def render_bench(result: Any, console: Any) -> None:
     """Latency table of a BenchResult, with ratios and their intervals."""
     from rich.table import Table
 
-    t = Table(title=f"Latency, ms (ONNX Runtime {result.onnxruntime_version or ''}, {result.provider}, "
-              f"{result.threads or 'default'} thread(s))", title_justify="left")
-    for col in ("level", "model", "median", "p90", "p99", "session", "vs baseline [95% CI]", "verdict"):
+    t = Table(
+        title=f"Latency, ms (ONNX Runtime {result.onnxruntime_version or ''}, {result.provider}, "
+        f"{result.threads or 'default'} thread(s))",
+        title_justify="left",
+    )
+    for col in (
+        "level",
+        "model",
+        "median",
+        "p90",
+        "p99",
+        "session",
+        "vs baseline [95% CI]",
+        "verdict",
+    ):
         t.add_column(col, overflow="fold")
     ratios = {(r.model, r.level): r for r in result.ratios}
     for e in result.entries:
@@ -334,27 +365,48 @@ def render_bench(result: Any, console: Any) -> None:
         if r is None:
             vs, verdict = "baseline", ""
         else:
-            color = "green" if r.significant and r.median_ratio < 1 else ("red" if r.significant else "")
+            color = (
+                "green"
+                if r.significant and r.median_ratio < 1
+                else ("red" if r.significant else "")
+            )
             vs = f"{r.median_ratio:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
             verdict = f"[{color}]{r.verdict}[/]" if color else r.verdict
-        t.add_row(e.level, e.model, f"{s.median_ms:.3g}", f"{s.p90_ms:.3g}", f"{s.p99_ms:.3g}",
-                  f"{s.session_create_ms:.3g}", vs, verdict)
+        t.add_row(
+            e.level,
+            e.model,
+            f"{s.median_ms:.3g}",
+            f"{s.p90_ms:.3g}",
+            f"{s.p99_ms:.3g}",
+            f"{s.session_create_ms:.3g}",
+            vs,
+            verdict,
+        )
     console.print(t)
     console.print(f"[dim]{result.note}[/]")
 
 
 def verification_markdown(v: Any, reference: str, candidate: str, located: Any = None) -> str:
     """A Markdown summary of a verification (for CI job summaries)."""
-    lines = [f"### bnfold verify: {'PASSED' if bool(v) or v.skipped_reason else 'FAILED'}", "",
-             f"`{reference}` vs `{candidate}` (ONNX Runtime, optimizations disabled, seed {v.seed}, "
-             f"{v.samples} sample(s))", ""]
+    lines = [
+        f"### bnfold verify: {'PASSED' if bool(v) or v.skipped_reason else 'FAILED'}",
+        "",
+        f"`{reference}` vs `{candidate}` (ONNX Runtime, optimizations disabled, seed {v.seed}, "
+        f"{v.samples} sample(s))",
+        "",
+    ]
     if v.skipped_reason:
         lines.append(f"Verification skipped: {v.skipped_reason}")
     if v.outputs:
-        lines += ["| output | dtype | max abs | max rel | atol | rtol | result |", "|---|---|--:|--:|--:|--:|---|"]
+        lines += [
+            "| output | dtype | max abs | max rel | atol | rtol | result |",
+            "|---|---|--:|--:|--:|--:|---|",
+        ]
         for o in v.outputs:
-            lines.append(f"| {o.name} | {o.dtype} | {_fmt_err(o.max_abs_error)} | {_fmt_err(o.max_rel_error)} | "
-                         f"{o.atol:g} | {o.rtol:g} | {'pass' if o.passed else 'FAIL'} |")
+            lines.append(
+                f"| {o.name} | {o.dtype} | {_fmt_err(o.max_abs_error)} | {_fmt_err(o.max_rel_error)} | "
+                f"{o.atol:g} | {o.rtol:g} | {'pass' if o.passed else 'FAIL'} |"
+            )
     if v.message:
         lines += ["", v.message]
     if located is not None:
@@ -375,7 +427,11 @@ def _max_error(verification: dict[str, Any] | None) -> str:
         return "not run"
     if verification.get("skipped_reason"):
         return "skipped"
-    errs = [o["max_abs_error"] for o in verification.get("outputs", []) if o.get("max_abs_error") is not None]
+    errs = [
+        o["max_abs_error"]
+        for o in verification.get("outputs", [])
+        if o.get("max_abs_error") is not None
+    ]
     return _fmt_err(max(errs)) if errs else "-"
 
 
@@ -386,9 +442,12 @@ def fold_markdown(reports: list[FoldReport]) -> str:
 
 def batch_markdown_rows(models: list[dict[str, Any]], *, title: str) -> str:
     ok = all(m.get("passed") for m in models)
-    lines = [f"### {title}: {'PASSED' if ok else 'FAILED'}", "",
-             "| model | BN | folded | kept (reasons) | max abs error | written | result |",
-             "|---|--:|--:|---|--:|---|---|"]
+    lines = [
+        f"### {title}: {'PASSED' if ok else 'FAILED'}",
+        "",
+        "| model | BN | folded | kept (reasons) | max abs error | written | result |",
+        "|---|--:|--:|---|--:|---|---|",
+    ]
     kept_rows = []
     for m in models:
         if m.get("error"):
@@ -396,12 +455,22 @@ def batch_markdown_rows(models: list[dict[str, Any]], *, title: str) -> str:
             continue
         totals = m["totals"]
         kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
-        lines.append(f"| {m['input']} | {totals['batchnorms']} | {totals['folded']} | {_reason_counts(kept)} | "
-                     f"{_max_error(m.get('verification'))} | {'yes' if m.get('written') else 'no'} | "
-                     f"{'PASSED' if m['passed'] else 'FAILED'} |")
-        kept_rows += [f"| {m['input']} | {b['name']} | {b['reason']} | {b['detail']} |" for b in kept]
+        lines.append(
+            f"| {m['input']} | {totals['batchnorms']} | {totals['folded']} | {_reason_counts(kept)} | "
+            f"{_max_error(m.get('verification'))} | {'yes' if m.get('written') else 'no'} | "
+            f"{'PASSED' if m['passed'] else 'FAILED'} |"
+        )
+        kept_rows += [
+            f"| {m['input']} | {b['name']} | {b['reason']} | {b['detail']} |" for b in kept
+        ]
     if kept_rows:
-        lines += ["", "Kept BatchNormalization nodes:", "", "| model | node | reason | detail |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Kept BatchNormalization nodes:",
+            "",
+            "| model | node | reason | detail |",
+            "|---|---|---|---|",
+        ]
         lines += kept_rows
     return "\n".join(lines)
 
@@ -414,8 +483,10 @@ def render_batch(result: Any, console: Any) -> None:
     """Summary table of a batch fold, then a final PASSED/FAILED line."""
     from rich.table import Table
 
-    t = Table(title=f"bnfold fold: {len(result.items)} models, {result.jobs} job(s), {result.seconds:.1f}s",
-              title_justify="left")
+    t = Table(
+        title=f"bnfold fold: {len(result.items)} models, {result.jobs} job(s), {result.seconds:.1f}s",
+        title_justify="left",
+    )
     for col in ("model", "BN", "folded", "kept (reasons)", "max abs error", "output", "result"):
         t.add_column(col, overflow="fold")
     for item in result.items:
@@ -425,25 +496,44 @@ def render_batch(result: Any, console: Any) -> None:
         m = item.report
         kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
         status = "[green]PASSED[/]" if item.exit_code == 0 else "[red]FAILED[/]"
-        t.add_row(item.input, str(m["totals"]["batchnorms"]), str(m["totals"]["folded"]), _reason_counts(kept),
-                  _max_error(m.get("verification")), m["output"] if m.get("written") else "not written", status)
+        t.add_row(
+            item.input,
+            str(m["totals"]["batchnorms"]),
+            str(m["totals"]["folded"]),
+            _reason_counts(kept),
+            _max_error(m.get("verification")),
+            m["output"] if m.get("written") else "not written",
+            status,
+        )
     console.print(t)
     console.print("[bold green]PASSED[/]" if result.passed else "[bold red]FAILED[/]")
 
 
 def check_markdown(results: list[Any]) -> str:
     ok = all(r.passed for r in results)
-    lines = [f"### bnfold check: {'PASSED' if ok else 'FAILED'}", "",
-             "| model | BN | foldable | allowed | kept | verification | result |", "|---|--:|--:|--:|--:|---|---|"]
+    lines = [
+        f"### bnfold check: {'PASSED' if ok else 'FAILED'}",
+        "",
+        "| model | BN | foldable | allowed | kept | verification | result |",
+        "|---|--:|--:|--:|--:|---|---|",
+    ]
     rows = []
     for r in results:
         v = r.verification
         vtext = "-" if v is None else ("skipped" if v.skipped_reason else ("pass" if v else "FAIL"))
-        lines.append(f"| {r.path} | {r.batchnorms} | {len(r.foldable)} | {len(r.allowed)} | {len(r.kept)} | {vtext} | "
-                     f"{'PASSED' if r.passed else ('error: ' + r.error if r.error else 'FAILED')} |")
+        lines.append(
+            f"| {r.path} | {r.batchnorms} | {len(r.foldable)} | {len(r.allowed)} | {len(r.kept)} | {vtext} | "
+            f"{'PASSED' if r.passed else ('error: ' + r.error if r.error else 'FAILED')} |"
+        )
         rows += [f"| {r.path} | {d['name']} | {d['target_op']} {d['target']} |" for d in r.foldable]
     if rows:
-        lines += ["", "Foldable BatchNormalization nodes left:", "", "| model | node | would fold into |", "|---|---|---|"]
+        lines += [
+            "",
+            "Foldable BatchNormalization nodes left:",
+            "",
+            "| model | node | would fold into |",
+            "|---|---|---|",
+        ]
         lines += rows
     return "\n".join(lines)
 
@@ -455,8 +545,14 @@ def render_check(results: list[Any], console: Any) -> None:
         if r.error:
             console.print(f"[red]{r.path}: error:[/] {r.error}")
             continue
-        status = "[green]nothing left to fold[/]" if not r.foldable else f"[red]{len(r.foldable)} foldable BatchNorm(s) left[/]"
-        console.print(f"{r.path}: {r.batchnorms} BatchNorm(s); {status}; {len(r.kept)} kept; {len(r.allowed)} allowed")
+        status = (
+            "[green]nothing left to fold[/]"
+            if not r.foldable
+            else f"[red]{len(r.foldable)} foldable BatchNorm(s) left[/]"
+        )
+        console.print(
+            f"{r.path}: {r.batchnorms} BatchNorm(s); {status}; {len(r.kept)} kept; {len(r.allowed)} allowed"
+        )
         if r.foldable:
             t = Table(show_header=True)
             for col in ("BatchNormalization", "would fold into", "how"):

@@ -239,7 +239,9 @@ def _is_exported(module: Any) -> bool:
     """An ``ExportedProgram`` or its ``.module()`` (whose ``training`` flag means nothing)."""
     torch = _import_torch()
     cls = _exported_module_class()
-    return isinstance(module, torch.export.ExportedProgram) or (cls is not None and isinstance(module, cls))
+    return isinstance(module, torch.export.ExportedProgram) or (
+        cls is not None and isinstance(module, cls)
+    )
 
 
 def _graph_runs_bn_in_training(graph: Any) -> bool:
@@ -271,7 +273,9 @@ def _check_module_state(module: Any) -> None:
         if isinstance(module, torch.jit.ScriptModule):
             in_training = [name or "<root>" for name, m in named if m.training]
     if in_training:
-        which = ", ".join(repr(n) for n in in_training[:5]) + (" ..." if len(in_training) > 5 else "")
+        which = ", ".join(repr(n) for n in in_training[:5]) + (
+            " ..." if len(in_training) > 5 else ""
+        )
         raise TrainingModeError(
             f"the module is in training mode ({which}): its BatchNorms normalise with batch "
             "statistics there, so there is nothing fixed to fold; call model.eval() first"
@@ -290,11 +294,7 @@ def _check_module_state(module: Any) -> None:
         )
     from torch.nn.parameter import is_lazy
 
-    lazy = [
-        name
-        for name, t in [*module.named_parameters(), *module.named_buffers()]
-        if is_lazy(t)
-    ]
+    lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if is_lazy(t)]
     if lazy:
         raise UsageError(
             f"the module has uninitialized lazy parameters ({', '.join(lazy[:3])}); run it once on "
@@ -451,14 +451,20 @@ def _discover(root: Any, paths: dict[int, str]) -> list[_Scope]:
         if id(mod) in seen:
             continue
         seen.add(id(mod))
-        if _is_bn(mod) or _looks_like_producer(mod) or (mod is not root and _is_torch_leaf(mod) and not _has_hooks(mod)):
+        if (
+            _is_bn(mod)
+            or _looks_like_producer(mod)
+            or (mod is not root and _is_torch_leaf(mod) and not _has_hooks(mod))
+        ):
             continue
         scope = _Scope(mod, path, opaque_caller=opaque)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 scope.graph = tracer_cls(mod).trace(mod, concrete_args=_none_defaults(mod))
-        except Exception as exc:  # torch.fx raises many types: TraceError, TypeError, NotImplementedError...
+        except (
+            Exception
+        ) as exc:  # torch.fx raises many types: TraceError, TypeError, NotImplementedError...
             scope.error = f"{type(exc).__name__}: {_first_line(exc)}"
             logger.debug("cannot trace %s: %s", path or "<root>", scope.error)
         scopes.append(scope)
@@ -468,7 +474,12 @@ def _discover(root: Any, paths: dict[int, str]) -> list[_Scope]:
         for node in scope.graph.nodes:
             if node.op == "call_module":
                 sub = mod.get_submodule(node.target)
-                if sub is not mod and _has_hooks(sub) and not _is_bn(sub) and not _looks_like_producer(sub):
+                if (
+                    sub is not mod
+                    and _has_hooks(sub)
+                    and not _is_bn(sub)
+                    and not _looks_like_producer(sub)
+                ):
                     queue.append((paths.get(id(sub), _join(path, node.target)), sub, opaque))
     return scopes
 
@@ -486,9 +497,28 @@ def _none_defaults(module: Any) -> dict[str, None] | None:
 
 # --- fold_module: static rank of a value (for Linear -> BatchNorm1d) ------------------------------------
 
-_SAME_RANK_FUNCS = {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "elu", "dropout",
-                    "hardswish", "hardsigmoid", "mish", "softplus", "contiguous", "clone", "float",
-                    "half", "to", "neg", "abs"}
+_SAME_RANK_FUNCS = {
+    "relu",
+    "relu6",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "leaky_relu",
+    "elu",
+    "dropout",
+    "hardswish",
+    "hardsigmoid",
+    "mish",
+    "softplus",
+    "contiguous",
+    "clone",
+    "float",
+    "half",
+    "to",
+    "neg",
+    "abs",
+}
 
 
 def _static_rank(node: Any, scope_module: Any, depth: int = 0) -> int | None:
@@ -502,8 +532,24 @@ def _static_rank(node: Any, scope_module: Any, depth: int = 0) -> int | None:
         m = scope_module.get_submodule(node.target)
         if isinstance(m, nn.Flatten):
             return 2 if m.start_dim == 1 and m.end_dim == -1 else None
-        same = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU,
-                nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity, nn.Hardswish, nn.Mish, nn.Softplus, nn.PReLU)
+        same = (
+            nn.Linear,
+            nn.BatchNorm1d,
+            nn.ReLU,
+            nn.ReLU6,
+            nn.LeakyReLU,
+            nn.GELU,
+            nn.SiLU,
+            nn.ELU,
+            nn.Sigmoid,
+            nn.Tanh,
+            nn.Dropout,
+            nn.Identity,
+            nn.Hardswish,
+            nn.Mish,
+            nn.Softplus,
+            nn.PReLU,
+        )
         if isinstance(m, same) and node.args:
             return _static_rank(node.args[0], scope_module, depth + 1)
         return None
@@ -537,7 +583,9 @@ def _describe_node(node: Any, scope: _Scope, paths: dict[int, str]) -> str:
         return f"{type(m).__name__} {paths.get(id(m), _join(scope.path, node.target))!r}"
     if node.op == "call_method":
         return f"the tensor method .{node.target}()"
-    return f"{getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}".lstrip(".")
+    return f"{getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}".lstrip(
+        "."
+    )
 
 
 # --- fold_module: the fold itself ---------------------------------------------------------------------
@@ -550,12 +598,16 @@ class _Folded:
     created_bias: bool
 
 
-def _compute_fold(prod: Any, kind: str, bn: Any, start: tuple[np.ndarray, np.ndarray | None] | None) -> _Folded:
+def _compute_fold(
+    prod: Any, kind: str, bn: Any, start: tuple[np.ndarray, np.ndarray | None] | None
+) -> _Folded:
     """Folded (weight, bias) in float64; ``start`` is the float64 state of an earlier fold."""
     c = bn.num_features
     gamma = _f64(bn.weight) if bn.weight is not None else np.ones(c)
     beta = _f64(bn.bias) if bn.bias is not None else np.zeros(c)
-    s, t = numerics.bn_scale_shift(gamma, beta, _f64(bn.running_mean), _f64(bn.running_var), float(bn.eps))
+    s, t = numerics.bn_scale_shift(
+        gamma, beta, _f64(bn.running_mean), _f64(bn.running_var), float(bn.eps)
+    )
     if start is not None:
         w, b = start
     else:
@@ -596,7 +648,9 @@ def _replace_everywhere(root: Any, old: Any, new: Any) -> None:
 def _count_layers(module: Any) -> int:
     from torch import nn
 
-    return sum(1 for m in module.modules() if not list(m.children()) and not isinstance(m, nn.Identity))
+    return sum(
+        1 for m in module.modules() if not list(m.children()) and not isinstance(m, nn.Identity)
+    )
 
 
 class _Run:
@@ -679,7 +733,9 @@ def fold_module(
     try:
         work = copy.deepcopy(module)
     except Exception as exc:
-        raise UsageError(f"cannot copy the module ({_first_line(exc)}); bnfold never modifies the original") from None
+        raise UsageError(
+            f"cannot copy the module ({_first_line(exc)}); bnfold never modifies the original"
+        ) from None
     nodes_before = _count_layers(work)
 
     args = _as_args(example_inputs) if example_inputs is not None else None
@@ -719,7 +775,9 @@ def fold_module(
     )
     if args is not None:
         t3 = time.perf_counter()
-        report.verification = _verify_module(result_module, feeds, reference, seed=seed, atol=atol, rtol=rtol)
+        report.verification = _verify_module(
+            result_module, feeds, reference, seed=seed, atol=atol, rtol=rtol
+        )
         timings["verify"] = time.perf_counter() - t3
     report.timings = timings
     return ModuleFoldResult(module=result_module, report=report)
@@ -728,7 +786,11 @@ def fold_module(
 def _shapes_text(args: Sequence[Any]) -> str:
     parts = []
     for a in args:
-        parts.append(f"{str(a.dtype).removeprefix('torch.')}{list(a.shape)}" if hasattr(a, "shape") else type(a).__name__)
+        parts.append(
+            f"{str(a.dtype).removeprefix('torch.')}{list(a.shape)}"
+            if hasattr(a, "shape")
+            else type(a).__name__
+        )
     return ", ".join(parts) or "no inputs"
 
 
@@ -758,10 +820,25 @@ class _Pair:
 class _Folder:
     """The decisions of :func:`fold_module`, one BN call site at a time, and their application."""
 
-    def __init__(self, root: Any, scopes: list[_Scope], paths: dict[int, str], run: _Run | None,
-                 *, rewrite: bool) -> None:
-        self.root, self.scopes, self.paths, self.run, self.rewrite = root, scopes, paths, run, rewrite
-        self.calls: dict[int, int] = {}  # module id -> call sites in all traced graphs (kept current)
+    def __init__(
+        self,
+        root: Any,
+        scopes: list[_Scope],
+        paths: dict[int, str],
+        run: _Run | None,
+        *,
+        rewrite: bool,
+    ) -> None:
+        self.root, self.scopes, self.paths, self.run, self.rewrite = (
+            root,
+            scopes,
+            paths,
+            run,
+            rewrite,
+        )
+        self.calls: dict[
+            int, int
+        ] = {}  # module id -> call sites in all traced graphs (kept current)
         self.attr_tensors: dict[int, str] = {}  # id of a tensor traced code reads directly -> where
         self.bn_sites: list[tuple[_Scope, Any]] = []
         for scope in scopes:
@@ -773,7 +850,9 @@ class _Folder:
                         self.bn_sites.append((scope, node))
                 elif node.op == "get_attr":
                     try:
-                        self.attr_tensors[id(_resolve_attr(scope.module, node.target))] = _join(scope.path, node.target)
+                        self.attr_tensors[id(_resolve_attr(scope.module, node.target))] = _join(
+                            scope.path, node.target
+                        )
                     except AttributeError:
                         pass
         self.traced_calls = dict(self.calls)  # before call-site folds move calls to private copies
@@ -784,7 +863,9 @@ class _Folder:
         self.site_index: dict[int, int] = {}
         self.order = {id(m): i for i, (_, m) in enumerate(root.named_modules())}
         self.decisions: list[tuple[tuple[int, int], BNDecision]] = []
-        self.f64: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # producer id -> folded (w, b) in float64
+        self.f64: dict[
+            int, tuple[np.ndarray, np.ndarray]
+        ] = {}  # producer id -> folded (w, b) in float64
         self.in_place_bns: list[Any] = []
         self.rewritten_bns: dict[int, Any] = {}
         self.copy_counter = 0
@@ -801,7 +882,9 @@ class _Folder:
         pair = self._match(scope, nb, bn, bn_path)
         if not isinstance(pair, _Pair):
             reason, detail = pair
-            self.decisions.append((key, BNDecision(name=name, folded=False, reason=reason, detail=detail)))
+            self.decisions.append(
+                (key, BNDecision(name=name, folded=False, reason=reason, detail=detail))
+            )
             return
         detail = self._detail(pair, bn)
         uses = self._other_uses(pair, bn, f"{type(bn).__name__} {bn_path!r}")
@@ -811,18 +894,38 @@ class _Folder:
             why = "; ".join(uses)
             blocker = self._rewrite_blocker(scope)
             if blocker:
-                self.decisions.append((key, BNDecision(
-                    name=name, folded=False, reason=SkipReason.MODULE_REUSED,
-                    detail=f"{why}: folding in place would change those uses too, and the call site "
-                           f"is not rewritten ({blocker})")))
+                self.decisions.append(
+                    (
+                        key,
+                        BNDecision(
+                            name=name,
+                            folded=False,
+                            reason=SkipReason.MODULE_REUSED,
+                            detail=f"{why}: folding in place would change those uses too, and the call site "
+                            f"is not rewritten ({blocker})",
+                        ),
+                    )
+                )
                 return
             where = self._fold_at_call_site(scope, nb, bn, pair)
             detail += f"; folded into a private copy {where!r} used by this call only ({why})"
-        self.decisions.append((key, BNDecision(
-            name=name, folded=True, detail=detail, direction="backward", target=pair.path,
-            target_op=type(pair.prod).__name__)))
+        self.decisions.append(
+            (
+                key,
+                BNDecision(
+                    name=name,
+                    folded=True,
+                    detail=detail,
+                    direction="backward",
+                    target=pair.path,
+                    target_op=type(pair.prod).__name__,
+                ),
+            )
+        )
 
-    def _match(self, scope: _Scope, nb: Any, bn: Any, bn_path: str) -> _Pair | tuple[SkipReason, str]:
+    def _match(
+        self, scope: _Scope, nb: Any, bn: Any, bn_path: str
+    ) -> _Pair | tuple[SkipReason, str]:
         """The producer to fold into, or why there is none. Early returns, one per case."""
         from torch.fx import Node
         from torch.nn.utils import parametrize
@@ -832,9 +935,13 @@ class _Folder:
             return SkipReason.NOT_TRACEABLE, (
                 f"{type(scope.module).__name__} {scope.path!r} is called by {type(opaque.module).__name__} "
                 f"{opaque.path or '<root>'!r}, whose forward torch.fx cannot trace ({opaque.error}); that "
-                "code might call these layers directly: pass example_inputs so bnfold counts the real calls")
+                "code might call these layers directly: pass example_inputs so bnfold counts the real calls"
+            )
         if not _is_standard_bn(bn):
-            return SkipReason.UNSUPPORTED_PRODUCER, f"{type(bn).__name__} overrides BatchNorm's forward"
+            return (
+                SkipReason.UNSUPPORTED_PRODUCER,
+                f"{type(bn).__name__} overrides BatchNorm's forward",
+            )
         if _has_hooks(bn):
             return SkipReason.HAS_HOOKS, f"{type(bn).__name__} {bn_path!r} has forward hooks"
         src = nb.args[0] if nb.args else nb.kwargs.get("input")
@@ -846,25 +953,43 @@ class _Folder:
             what = _describe_node(src, scope, self.paths)
             if prod is not None and _looks_like_producer(prod):
                 what += f" (a {type(prod).__name__} subclass with its own forward)"
-            return SkipReason.UNSUPPORTED_PRODUCER, f"its input comes from {what}, not a Conv/ConvTranspose/Linear"
+            return (
+                SkipReason.UNSUPPORTED_PRODUCER,
+                f"its input comes from {what}, not a Conv/ConvTranspose/Linear",
+            )
         kind, dims = pk
         prod_path = self.paths.get(id(prod), _join(scope.path, src.target))
         desc = f"{type(prod).__name__} {prod_path!r}"
         if len(src.users) != 1:
-            others = [_describe_node(u, scope, self.paths) if u.op != "output" else "the forward's output"
-                      for u in src.users if u is not nb]
-            return SkipReason.PRODUCER_OUTPUT_SHARED, f"the output of {desc} is also used by {', '.join(others)}"
+            others = [
+                _describe_node(u, scope, self.paths) if u.op != "output" else "the forward's output"
+                for u in src.users
+                if u is not nb
+            ]
+            return (
+                SkipReason.PRODUCER_OUTPUT_SHARED,
+                f"the output of {desc} is also used by {', '.join(others)}",
+            )
         if _has_hooks(prod):
             return SkipReason.HAS_HOOKS, f"{desc} has forward hooks"
         if parametrize.is_parametrized(prod):
-            return SkipReason.UNSUPPORTED_PRODUCER, f"{desc} has a parametrized weight (torch.nn.utils.parametrize)"
-        bad = [f"its {what} is {str(t.dtype).removeprefix('torch.')}" for what, t in
-               (("weight", prod.weight), ("bias", prod.bias)) if t is not None and str(t.dtype) not in _FLOAT_NP]
+            return (
+                SkipReason.UNSUPPORTED_PRODUCER,
+                f"{desc} has a parametrized weight (torch.nn.utils.parametrize)",
+            )
+        bad = [
+            f"its {what} is {str(t.dtype).removeprefix('torch.')}"
+            for what, t in (("weight", prod.weight), ("bias", prod.bias))
+            if t is not None and str(t.dtype) not in _FLOAT_NP
+        ]
         if bad:
             return SkipReason.UNSUPPORTED_DTYPE, f"{desc}: {', '.join(bad)}"
         c_out = _out_features(prod, kind)
         if c_out != bn.num_features:
-            return SkipReason.SHAPE_MISMATCH, f"{type(bn).__name__} has {bn.num_features} channels but {desc} produces {c_out}"
+            return (
+                SkipReason.SHAPE_MISMATCH,
+                f"{type(bn).__name__} has {bn.num_features} channels but {desc} produces {c_out}",
+            )
         layout = self._layout_refusal(scope, src, bn, kind, dims, desc)
         if layout is not None:
             return layout
@@ -877,8 +1002,9 @@ class _Folder:
             return SkipReason(refused.reason), refused.detail
         return _Pair(src, prod, kind, prod_path, desc, folded)
 
-    def _layout_refusal(self, scope: _Scope, src: Any, bn: Any, kind: str, dims: int,
-                        desc: str) -> tuple[SkipReason, str] | None:
+    def _layout_refusal(
+        self, scope: _Scope, src: Any, bn: Any, kind: str, dims: int, desc: str
+    ) -> tuple[SkipReason, str] | None:
         """BatchNorm normalises axis 1: is that the producer's output-channel axis?"""
         ranks = self.run.bn_ranks.get(id(bn)) if self.run is not None else None
         rank = next(iter(ranks)) if ranks and len(ranks) == 1 else None
@@ -888,15 +1014,18 @@ class _Folder:
             if rank is None:
                 return SkipReason.UNKNOWN_LAYOUT, (
                     f"cannot tell whether {desc} outputs [N, C] (foldable) or [N, L, C] (then {bn_type} "
-                    "normalises L, not the Linear's features); pass example_inputs")
+                    "normalises L, not the Linear's features); pass example_inputs"
+                )
             if rank != 2:
                 return SkipReason.UNSUPPORTED_LAYOUT, (
                     f"{desc} outputs a rank-{rank} tensor: {bn_type} normalises its axis 1, not the "
-                    "Linear's output features")
+                    "Linear's output features"
+                )
         elif rank is not None and rank != dims + 2:
             return SkipReason.UNSUPPORTED_LAYOUT, (
                 f"{desc} runs on unbatched input (rank {rank}): {bn_type} normalises another axis "
-                "than its output channels")
+                "than its output channels"
+            )
         return None
 
     def _other_uses(self, pair: _Pair, bn: Any, bn_desc: str) -> list[str]:
@@ -904,7 +1033,9 @@ class _Folder:
         uses = []
         prod = pair.prod
         if self.calls.get(id(prod), 0) != 1:
-            uses.append(f"{pair.desc} is called {self.calls.get(id(prod), 0)} times in the traced forward")
+            uses.append(
+                f"{pair.desc} is called {self.calls.get(id(prod), 0)} times in the traced forward"
+            )
         for pname in ("weight", "bias"):
             t = getattr(prod, pname)
             if t is not None and id(t) in self.attr_tensors:
@@ -915,20 +1046,30 @@ class _Folder:
             for m, label in ((prod, pair.desc), (bn, bn_desc)):
                 traced = self.traced_calls.get(id(m))
                 if traced is not None and self.run.calls.get(id(m), 0) != traced:
-                    uses.append(f"{label} is called {self.run.calls.get(id(m), 0)} times at run time but "
-                                f"{traced} times in the traced graphs")
+                    uses.append(
+                        f"{label} is called {self.run.calls.get(id(m), 0)} times at run time but "
+                        f"{traced} times in the traced graphs"
+                    )
         return uses
 
     def _detail(self, pair: _Pair, bn: Any) -> str:
         what_bias = "bias created" if pair.folded.created_bias else "bias updated"
         axis = "features" if pair.kind == "linear" else "channels"
         detail = f"weight scaled along its output {axis}; {what_bias}"
-        mine = {id(t): pname for pname in ("weight", "bias") if (t := getattr(pair.prod, pname)) is not None}
-        shared = sorted({
-            (mine[id(t)], _join(self.paths.get(id(other), "?"), pn))
-            for other in self.root.modules() if other is not pair.prod and other is not bn
-            for pn, t in other._parameters.items() if t is not None and id(t) in mine
-        })
+        mine = {
+            id(t): pname
+            for pname in ("weight", "bias")
+            if (t := getattr(pair.prod, pname)) is not None
+        }
+        shared = sorted(
+            {
+                (mine[id(t)], _join(self.paths.get(id(other), "?"), pn))
+                for other in self.root.modules()
+                if other is not pair.prod and other is not bn
+                for pn, t in other._parameters.items()
+                if t is not None and id(t) in mine
+            }
+        )
         if shared:
             detail += "; " + ", ".join(f"its {mp} was shared with {other}" for mp, other in shared)
             detail += ": the fold uses new tensors, the others keep the original"
@@ -940,8 +1081,11 @@ class _Folder:
         if not self.rewrite:
             return "rewrite=False"
         if scope.module is not self.root:
-            why = ("used by code torch.fx cannot trace" if scope.opaque_caller is not None
-                   else "traced on its own because it has forward hooks")
+            why = (
+                "used by code torch.fx cannot trace"
+                if scope.opaque_caller is not None
+                else "traced on its own because it has forward hooks"
+            )
             return f"only the root module is rewritten, and {type(scope.module).__name__} {scope.path!r} is {why}"
         if _has_hooks(scope.module):
             return "the root module has forward hooks, which a rewritten module would lose"
@@ -992,14 +1136,24 @@ class _Folder:
             key = (self.order.get(id(m), 1 << 30), 0)
             s = owner.get(id(m))
             if s is not None:
-                reason, detail = SkipReason.NOT_TRACEABLE, (
-                    f"called by {type(s.module).__name__} {s.path or '<root>'!r}, whose forward torch.fx "
-                    f"cannot trace ({s.error})")
+                reason, detail = (
+                    SkipReason.NOT_TRACEABLE,
+                    (
+                        f"called by {type(s.module).__name__} {s.path or '<root>'!r}, whose forward torch.fx "
+                        f"cannot trace ({s.error})"
+                    ),
+                )
             else:
-                reason, detail = SkipReason.NOT_CALLED, (
-                    "no traced forward calls this module: it is unused, or called only on a path the "
-                    "trace did not take (forward arguments that default to None are traced as None)")
-            self.decisions.append((key, BNDecision(name=path, folded=False, reason=reason, detail=detail)))
+                reason, detail = (
+                    SkipReason.NOT_CALLED,
+                    (
+                        "no traced forward calls this module: it is unused, or called only on a path the "
+                        "trace did not take (forward arguments that default to None are traced as None)"
+                    ),
+                )
+            self.decisions.append(
+                (key, BNDecision(name=path, folded=False, reason=reason, detail=detail))
+            )
 
     def finish(self) -> tuple[list[BNDecision], Any]:
         """Rewritten scopes become GraphModules; BNs nothing calls any more become Identity."""
@@ -1012,7 +1166,8 @@ class _Folder:
                 new_root = _graph_module(scope.module, scope.graph, scope.copies)
         run = self.run
         done = list(self.in_place_bns) + [
-            bn for bn in self.rewritten_bns.values()
+            bn
+            for bn in self.rewritten_bns.values()
             if self.calls.get(id(bn), 0) == 0
             and (run is None or run.calls.get(id(bn), 0) == self.traced_calls.get(id(bn), 0))
         ]
@@ -1068,25 +1223,47 @@ def _verify_module(
     from .compare import VerificationResult, compare_outputs
 
     started = time.perf_counter()
-    shapes = {f"input_{i}": [int(d) for d in a.shape] for i, a in enumerate(feeds) if hasattr(a, "shape")}
+    shapes = {
+        f"input_{i}": [int(d) for d in a.shape] for i, a in enumerate(feeds) if hasattr(a, "shape")
+    }
     try:
         with torch.no_grad():
             produced = _flatten_outputs(module(*feeds))
     except Exception as exc:
-        return VerificationResult(passed=False, seed=seed, input_shapes=shapes, seconds=time.perf_counter() - started,
-                                  message=f"the folded module fails to run: {_first_line(exc)}")
+        return VerificationResult(
+            passed=False,
+            seed=seed,
+            input_shapes=shapes,
+            seconds=time.perf_counter() - started,
+            message=f"the folded module fails to run: {_first_line(exc)}",
+        )
     if not reference:
-        return VerificationResult(passed=False, seed=seed, input_shapes=shapes, seconds=time.perf_counter() - started,
-                                  skipped_reason="the forward returns no tensors to compare")
+        return VerificationResult(
+            passed=False,
+            seed=seed,
+            input_shapes=shapes,
+            seconds=time.perf_counter() - started,
+            skipped_reason="the forward returns no tensors to compare",
+        )
     if [n for n, _ in produced] != [n for n, _ in reference]:
-        return VerificationResult(passed=False, seed=seed, input_shapes=shapes, seconds=time.perf_counter() - started,
-                                  message="the folded module's outputs differ in structure from the original's")
+        return VerificationResult(
+            passed=False,
+            seed=seed,
+            input_shapes=shapes,
+            seconds=time.perf_counter() - started,
+            message="the folded module's outputs differ in structure from the original's",
+        )
     outputs = tuple(
         compare_outputs(name, _to_numpy(ref), _to_numpy(got), atol=atol, rtol=rtol)
         for (name, ref), (_, got) in zip(reference, produced, strict=True)
     )
-    return VerificationResult(passed=all(o.passed for o in outputs), outputs=outputs, seed=seed,
-                              input_shapes=shapes, seconds=time.perf_counter() - started)
+    return VerificationResult(
+        passed=all(o.passed for o in outputs),
+        outputs=outputs,
+        seed=seed,
+        input_shapes=shapes,
+        seconds=time.perf_counter() - started,
+    )
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -1100,7 +1277,9 @@ def _forward_arg_names(module: Any, n: int) -> list[str]:
             names = [a.name for a in module.forward.schema.arguments[1:]]
         else:
             params = inspect.signature(module.forward).parameters.values()
-            names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            names = [
+                p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
     except (TypeError, ValueError, AttributeError, RuntimeError):
         names = []
     names = names[:n]
@@ -1155,9 +1334,21 @@ def export(
     _check_module_state(module)
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
-    return _export(module, example_inputs, path, input_names=input_names, output_names=output_names,
-                   dynamic_batch=dynamic_batch, opset=opset, verify=verify, atol=atol, rtol=rtol,
-                   seed=seed, strict=strict, external_data=external_data)
+    return _export(
+        module,
+        example_inputs,
+        path,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        verify=verify,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        strict=strict,
+        external_data=external_data,
+    )
 
 
 def _export(
@@ -1183,7 +1374,9 @@ def _export(
 
     args = _as_args(example_inputs)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise UsageError("export needs example_inputs made of tensors (the forward's positional arguments)")
+        raise UsageError(
+            "export needs example_inputs made of tensors (the forward's positional arguments)"
+        )
     out_path = _io.check_output_path(path, input_path=None)
     timings: dict[str, float] = {}
 
@@ -1202,24 +1395,37 @@ def _export(
                 raise UsageError(
                     f"the module failed to run on inputs {_shapes_text(feeds)}: {_first_line(exc)}"
                 ) from None
-            logger.warning("the module does not run at batch size %d (%s); verifying at the "
-                           "example batch size only", int(feeds[0].shape[0]), _first_line(exc))
+            logger.warning(
+                "the module does not run at batch size %d (%s); verifying at the "
+                "example batch size only",
+                int(feeds[0].shape[0]),
+                _first_line(exc),
+            )
             samples = samples[:1]
             break
     outputs = references[0]
     if not outputs:
         raise UsageError("the module's forward returns no tensors; nothing to export")
-    names_in = list(input_names) if input_names is not None else _forward_arg_names(module, len(args))
+    names_in = (
+        list(input_names) if input_names is not None else _forward_arg_names(module, len(args))
+    )
     if len(names_in) != len(args):
         raise UsageError(f"input_names has {len(names_in)} names for {len(args)} inputs")
-    names_out = list(output_names) if output_names is not None else (
-        ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
+    names_out = (
+        list(output_names)
+        if output_names is not None
+        else (["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
+    )
     if len(names_out) != len(outputs):
         raise UsageError(f"output_names has {len(names_out)} names for {len(outputs)} outputs")
     dynamic_axes = None
     if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n, a in zip(names_in, args, strict=True) if a.dim() >= 1}
-        dynamic_axes.update({n: {0: "batch"} for n, (_, t) in zip(names_out, outputs, strict=True) if t.dim() >= 1})
+        dynamic_axes = {
+            n: {0: "batch"} for n, a in zip(names_in, args, strict=True) if a.dim() >= 1
+        }
+        dynamic_axes.update(
+            {n: {0: "batch"} for n, (_, t) in zip(names_out, outputs, strict=True) if t.dim() >= 1}
+        )
     timings["run"] = time.perf_counter() - t0
 
     work = Path(tempfile.mkdtemp(prefix="bnfold-torch-"))
@@ -1264,8 +1470,16 @@ def _export(
             timings["save"] = time.perf_counter() - t2
             if verify:
                 t3 = time.perf_counter()
-                report.verification = _verify_onnx(staged.path, exported, names_in, samples, references,
-                                                   seed=seed, atol=atol, rtol=rtol)
+                report.verification = _verify_onnx(
+                    staged.path,
+                    exported,
+                    names_in,
+                    samples,
+                    references,
+                    seed=seed,
+                    atol=atol,
+                    rtol=rtol,
+                )
                 timings["verify"] = time.perf_counter() - t3
             if not report.verification_failed:
                 staged.commit()
@@ -1298,7 +1512,9 @@ def _verify_onnx(
 
     def result(**kw: Any) -> VerificationResult:
         kw.setdefault("passed", False)
-        return VerificationResult(seed=seed, samples=len(samples), seconds=time.perf_counter() - started, **kw)
+        return VerificationResult(
+            seed=seed, samples=len(samples), seconds=time.perf_counter() - started, **kw
+        )
 
     try:
         session = _ort.make_session(str(candidate), level="disable")
@@ -1306,41 +1522,65 @@ def _verify_onnx(
         try:  # does ONNX Runtime run the unfolded export? If not, it lacks a kernel: unverified
             _ort.make_session(str(exported), level="disable")
         except InvalidModelError as unfolded_error:
-            return result(skipped_reason="ONNX Runtime cannot run the exported model either: "
-                                         f"{_ort_reason(unfolded_error).replace(str(exported), 'exported.onnx')}")
+            return result(
+                skipped_reason="ONNX Runtime cannot run the exported model either: "
+                f"{_ort_reason(unfolded_error).replace(str(exported), 'exported.onnx')}"
+            )
         return result(message=f"ONNX Runtime cannot run the folded model: {_ort_reason(error)}")
     wanted = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
-    shapes = {n: [int(d) for d in a.shape] for n, a in zip(input_names, samples[0], strict=True) if n in wanted}
+    shapes = {
+        n: [int(d) for d in a.shape]
+        for n, a in zip(input_names, samples[0], strict=True)
+        if n in wanted
+    }
     missing = [n for n in wanted if n not in input_names]
     if missing:
-        return result(input_shapes=shapes, message=(
-            f"the exported model has inputs {', '.join(map(repr, missing))} that are not the module's "
-            f"arguments ({', '.join(map(repr, input_names))})"))
+        return result(
+            input_shapes=shapes,
+            message=(
+                f"the exported model has inputs {', '.join(map(repr, missing))} that are not the module's "
+                f"arguments ({', '.join(map(repr, input_names))})"
+            ),
+        )
     if len(out_names) != len(references[0]):
-        return result(input_shapes=shapes, message=(
-            f"the exported model has {len(out_names)} outputs for the module's {len(references[0])}"))
+        return result(
+            input_shapes=shapes,
+            message=(
+                f"the exported model has {len(out_names)} outputs for the module's {len(references[0])}"
+            ),
+        )
     accumulators = []
     for name, (_, t) in zip(out_names, references[0], strict=True):
         d_atol, d_rtol = default_tolerances(_to_numpy(t.reshape(-1)[:1]).dtype)
-        accumulators.append(_Accumulator(name, d_atol if atol is None else atol, d_rtol if rtol is None else rtol))
+        accumulators.append(
+            _Accumulator(name, d_atol if atol is None else atol, d_rtol if rtol is None else rtol)
+        )
     for k, (feeds, ref) in enumerate(zip(samples, references, strict=True)):
         arrays = {n: _to_numpy(a) for n, a in zip(input_names, feeds, strict=True) if n in wanted}
         try:
             produced = _ort.run(session, arrays)
         except _ort.OrtRunError as error:
-            return result(input_shapes=shapes, message=f"ONNX Runtime cannot run the folded model: {_ort_reason(error)}")
+            return result(
+                input_shapes=shapes,
+                message=f"ONNX Runtime cannot run the folded model: {_ort_reason(error)}",
+            )
         for acc, (_, want), got in zip(accumulators, ref, produced, strict=True):
             acc.add(_to_numpy(want), np.asarray(got), sample=k)
     comparisons = tuple(a.finish() for a in accumulators)
-    return result(passed=all(c.passed for c in comparisons), outputs=comparisons, input_shapes=shapes)
+    return result(
+        passed=all(c.passed for c in comparisons), outputs=comparisons, input_shapes=shapes
+    )
 
 
 def _ort_reason(error: Exception) -> str:
     text = str(error)
-    for prefix in ("ONNX Runtime cannot load the model: ", "ONNX Runtime failed to run the model: "):
+    for prefix in (
+        "ONNX Runtime cannot load the model: ",
+        "ONNX Runtime failed to run the model: ",
+    ):
         if text.startswith(prefix):
-            return text[len(prefix):]
+            return text[len(prefix) :]
     return text
 
 
@@ -1398,8 +1638,10 @@ def _archive_kind(path: Path) -> str:
     except zipfile.BadZipFile as exc:
         raise InvalidModelError(f"{path}: damaged archive ({_first_line(exc)})") from None
     tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
-    if "archive_format" in tails or any(t.startswith("models/") for t in tails) or any(
-        t.endswith("serialized_exported_program.json") for t in tails
+    if (
+        "archive_format" in tails
+        or any(t.startswith("models/") for t in tails)
+        or any(t.endswith("serialized_exported_program.json") for t in tails)
     ):
         return "exported_program"
     if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
@@ -1468,7 +1710,9 @@ def load_torch_file(
         try:
             ep = torch.export.load(str(path))
         except Exception as exc:
-            raise InvalidModelError(f"{path}: torch.export.load failed: {_first_line(exc)}") from None
+            raise InvalidModelError(
+                f"{path}: torch.export.load failed: {_first_line(exc)}"
+            ) from None
         return _from_exported_program(ep, path, given)
 
     if kind == "torchscript":
@@ -1478,7 +1722,9 @@ def load_torch_file(
             raise InvalidModelError(f"{path}: torch.jit.load failed: {_first_line(exc)}") from None
         names = _forward_arg_names(module, len(module.forward.schema.arguments) - 1)
         dtype = _module_float_dtype(module)
-        args = _inputs_from_shapes(path, "a TorchScript archive", names, given, {}, {n: dtype for n in names})
+        args = _inputs_from_shapes(
+            path, "a TorchScript archive", names, given, {}, {n: dtype for n in names}
+        )
         return TorchSource(module, args, names, "torchscript", path)
 
     # torch.save: a pickle (zip or legacy)
@@ -1509,7 +1755,9 @@ def load_torch_file(
         raise _state_dict_error(path, _describe_loaded(obj))
     names = _forward_arg_names(obj, _n_required_args(obj))
     dtype = _module_float_dtype(obj)
-    args = _inputs_from_shapes(path, "a pickled module", names, given, {}, {n: dtype for n in names})
+    args = _inputs_from_shapes(
+        path, "a pickled module", names, given, {}, {n: dtype for n in names}
+    )
     return TorchSource(obj, args, names, "pickled_module", path)
 
 
@@ -1525,8 +1773,15 @@ def _n_required_args(module: Any) -> int:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
         return 1
-    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-               and p.default is inspect.Parameter.empty) or 1
+    return (
+        sum(
+            1
+            for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is inspect.Parameter.empty
+        )
+        or 1
+    )
 
 
 def _module_float_dtype(module: Any) -> Any:
@@ -1560,7 +1815,11 @@ def _inputs_from_shapes(
         shape = given.get(name)
         if shape is None:
             if recorded is None or any(d is None for d in recorded):
-                example = "1,3,224,224" if recorded is None else ",".join("1" if d is None else str(d) for d in recorded)
+                example = (
+                    "1,3,224,224"
+                    if recorded is None
+                    else ",".join("1" if d is None else str(d) for d in recorded)
+                )
                 raise UsageError(
                     f"{path.name}: give the shape of input {name!r} with --input-shape {name}={example} "
                     f"({what} does not record {'its input shapes' if recorded is None else 'every dimension'}; "
@@ -1603,7 +1862,9 @@ def _from_exported_program(ep: Any, path: Path, given: dict[str, tuple[int, ...]
     for name in user_inputs:
         val = placeholders[name].meta.get("val") if name in placeholders else None
         if not isinstance(val, torch.Tensor):
-            raise UsageError(f"{path.name}: input {name!r} is not a tensor; bnfold exports tensor inputs only")
+            raise UsageError(
+                f"{path.name}: input {name!r} is not a tensor; bnfold exports tensor inputs only"
+            )
         dims = tuple(int(d) if isinstance(d, int) else None for d in val.shape)
         recorded[name] = dims
         dtypes[name] = val.dtype
@@ -1615,11 +1876,17 @@ def _from_exported_program(ep: Any, path: Path, given: dict[str, tuple[int, ...]
         saved_args = saved[0]
         if len(saved_args) == len(user_inputs):
             for name, a in zip(user_inputs, saved_args, strict=True):
-                if name not in given and isinstance(a, torch.Tensor) and any(d is None for d in recorded[name]):
+                if (
+                    name not in given
+                    and isinstance(a, torch.Tensor)
+                    and any(d is None for d in recorded[name])
+                ):
                     given[name] = tuple(int(d) for d in a.shape)
     args = _inputs_from_shapes(path, "the exported program", user_inputs, given, recorded, dtypes)
     module = ep.module()
-    return TorchSource(module, args, user_inputs, "exported_program", path, dynamic_batch=not batch_static)
+    return TorchSource(
+        module, args, user_inputs, "exported_program", path, dynamic_batch=not batch_static
+    )
 
 
 def fold_file(

@@ -189,14 +189,20 @@ def fold(model: onnx.ModelProto) -> FoldResult:
     the input proto is not modified, and every BatchNormalization gets exactly one decision."""
     before = model.SerializeToString(deterministic=True)
     result = bnfold_fold(model, verify=False)
-    assert model.SerializeToString(deterministic=True) == before, "the input ModelProto was modified"
+    assert model.SerializeToString(deterministic=True) == before, (
+        "the input ModelProto was modified"
+    )
     assert isinstance(result.model, onnx.ModelProto)
-    assert len(result.decisions) == _bn_count(model.graph.node) + sum(_bn_count(f.node) for f in model.functions)
+    assert len(result.decisions) == _bn_count(model.graph.node) + sum(
+        _bn_count(f.node) for f in model.functions
+    )
     assert len({d.name for d in result.decisions}) == len(result.decisions)
     return result
 
 
-def assert_close(got: Sequence[np.ndarray], want: Sequence[np.ndarray], rtol=None, atol=None) -> None:
+def assert_close(
+    got: Sequence[np.ndarray], want: Sequence[np.ndarray], rtol=None, atol=None
+) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
@@ -235,7 +241,9 @@ def assert_folds(
         assert d.target_op in PRODUCERS and d.detail and d.direction == "backward"
 
     # 1. structure
-    assert count_op(folded, "BatchNormalization") == count_op(model, "BatchNormalization") - n_folded
+    assert (
+        count_op(folded, "BatchNormalization") == count_op(model, "BatchNormalization") - n_folded
+    )
     old_p = [n for n in model.graph.node if n.op_type in PRODUCERS]
     new_p = [n for n in folded.graph.node if n.op_type in PRODUCERS]
     assert [n.op_type for n in old_p] == [n.op_type for n in new_p]
@@ -246,8 +254,13 @@ def assert_folds(
         # A folded weight takes back its original name once the original is gone, so compare values.
         old_inits = {i.name for i in model.graph.initializer}
         same_name = old.input[1] == new.input[1]
-        if same_name and (old.input[1] in old_inits) == (new.input[1] in new_inits) and (
-            old.input[1] not in old_c or np.array_equal(old_c[old.input[1]], new_c.get(new.input[1]))
+        if (
+            same_name
+            and (old.input[1] in old_inits) == (new.input[1] in new_inits)
+            and (
+                old.input[1] not in old_c
+                or np.array_equal(old_c[old.input[1]], new_c.get(new.input[1]))
+            )
         ):
             continue
         assert new.input[1] in new_inits, f"folded weight {new.input[1]} is not an initializer"
@@ -325,7 +338,9 @@ def lit(array: np.ndarray) -> str:
     type_name = helper.tensor_dtype_to_string(helper.np_dtype_to_tensor_dtype(array.dtype))
     type_name = type_name.removeprefix("TensorProto.").lower()
     dims = ",".join(str(d) for d in array.shape)
-    values = ", ".join(repr(float(v)) if array.dtype.kind == "f" else str(int(v)) for v in array.reshape(-1))
+    values = ", ".join(
+        repr(float(v)) if array.dtype.kind == "f" else str(int(v)) for v in array.reshape(-1)
+    )
     return f"{type_name}[{dims}] {{{values}}}"
 
 

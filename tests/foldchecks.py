@@ -57,7 +57,9 @@ def fold_checked(model: onnx.ModelProto, **options) -> FoldResult:
     onnx.checker.check_model(model, full_check=True)
     before = model.SerializeToString(deterministic=True)
     result = bnfold_fold(model, verify=False, **options)
-    assert model.SerializeToString(deterministic=True) == before, "the input ModelProto was modified"
+    assert model.SerializeToString(deterministic=True) == before, (
+        "the input ModelProto was modified"
+    )
     real = [d for d in result.decisions if d.direction != "decomposed"]
     assert len(real) == count_all(model, "BatchNormalization"), result.decisions
     assert len({d.name for d in result.decisions}) == len(result.decisions)
@@ -101,8 +103,9 @@ def assert_folded(
     the result is equivalent and valid."""
     result = fold_checked(model, **options)
     folded = [d for d in result.decisions if d.folded]
-    assert len(folded) == n and all(d.direction == direction for d in folded), \
-        [(d.name, d.direction, d.reason, d.detail) for d in result.decisions]
+    assert len(folded) == n and all(d.direction == direction for d in folded), [
+        (d.name, d.direction, d.reason, d.detail) for d in result.decisions
+    ]
     assert not result.report.kept, [(d.name, d.reason, d.detail) for d in result.report.kept]
     for d in folded:
         assert d.target and d.target_op

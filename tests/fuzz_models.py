@@ -44,9 +44,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-F32, F16, BF16, F64 = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
-                       np.dtype(np.float64))
-ELEM = {F32: TensorProto.FLOAT, F16: TensorProto.FLOAT16, BF16: TensorProto.BFLOAT16, F64: TensorProto.DOUBLE}
+F32, F16, BF16, F64 = (
+    np.dtype(np.float32),
+    np.dtype(np.float16),
+    np.dtype(ml_dtypes.bfloat16),
+    np.dtype(np.float64),
+)
+ELEM = {
+    F32: TensorProto.FLOAT,
+    F16: TensorProto.FLOAT16,
+    BF16: TensorProto.BFLOAT16,
+    F64: TensorProto.DOUBLE,
+}
 NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16", F64: "float64"}
 #: unit roundoff of each dtype
 UNIT = {F64: 2.0**-53, F32: 2.0**-24, F16: 2.0**-11, BF16: 2.0**-8}
@@ -89,7 +98,11 @@ class _Builder:
         """A constant as an initializer, a Constant node, or an Identity of an initializer."""
         name = self.name(base)
         if how == "constant":
-            self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name + "_v")))
+            self.nodes.append(
+                helper.make_node(
+                    "Constant", [], [name], value=numpy_helper.from_array(array, name + "_v")
+                )
+            )
         elif how == "identity":
             src = self.name(base + "_src")
             self.inits.append(numpy_helper.from_array(array, src))
@@ -127,8 +140,15 @@ def _conv_out(size: int, k: int, s: int, d: int, pads: tuple[int, int]) -> int:
     return (size + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
 
 
-def conv(b: _Builder, x: str, shape: list[int], *, cout: int | None = None, transpose: bool = False,
-         weight: str | None = None) -> tuple[str, list[int], dict]:
+def conv(
+    b: _Builder,
+    x: str,
+    shape: list[int],
+    *,
+    cout: int | None = None,
+    transpose: bool = False,
+    weight: str | None = None,
+) -> tuple[str, list[int], dict]:
     """A Conv / ConvTranspose on ``x`` ([N, C, spatial...]); returns (output, its shape, the spec)."""
     rng = b.rng
     rank = len(shape) - 2
@@ -160,7 +180,9 @@ def conv(b: _Builder, x: str, shape: list[int], *, cout: int | None = None, tran
         attrs["pads"] = [p[0] for p in pads] + [p[1] for p in pads]
     spatial = shape[2:]
     if transpose:
-        out_pad = [rng.randint(0, max(s[i], d[i]) - 1) if rng.random() < 0.3 else 0 for i in range(rank)]
+        out_pad = [
+            rng.randint(0, max(s[i], d[i]) - 1) if rng.random() < 0.3 else 0 for i in range(rank)
+        ]
         if any(out_pad):
             attrs["output_padding"] = out_pad
         w_shape = (cin, cout // group, *k)
@@ -168,8 +190,14 @@ def conv(b: _Builder, x: str, shape: list[int], *, cout: int | None = None, tran
         if auto in ("SAME_UPPER", "SAME_LOWER"):
             out_spatial = [spatial[i] * s[i] for i in range(rank)]
         else:
-            out_spatial = [s[i] * (spatial[i] - 1) + out_pad[i] + ((k[i] - 1) * d[i] + 1) - pads[i][0] - pads[i][1]
-                           for i in range(rank)]
+            out_spatial = [
+                s[i] * (spatial[i] - 1)
+                + out_pad[i]
+                + ((k[i] - 1) * d[i] + 1)
+                - pads[i][0]
+                - pads[i][1]
+                for i in range(rank)
+            ]
     else:
         w_shape = (cout, cin // group, *k)
         fan_in = cin // group * math.prod(k)
@@ -187,11 +215,20 @@ def conv(b: _Builder, x: str, shape: list[int], *, cout: int | None = None, tran
         inputs.append(b.const((b.np.standard_normal(cout) * offset).astype(b.dtype), "bias"))
     op = "ConvTranspose" if transpose else "Conv"
     out = b.node(op, inputs, **attrs)
-    spec = {"op": op, "rank": rank, "group": group, "k": k, "bias": bias, **{a: v for a, v in attrs.items() if a != "kernel_shape"}}
+    spec = {
+        "op": op,
+        "rank": rank,
+        "group": group,
+        "k": k,
+        "bias": bias,
+        **{a: v for a, v in attrs.items() if a != "kernel_shape"},
+    }
     return out, [shape[0], cout, *out_spatial], spec
 
 
-def gemm(b: _Builder, x: str, shape: list[int], *, n: int | None = None) -> tuple[str, list[int], dict]:
+def gemm(
+    b: _Builder, x: str, shape: list[int], *, n: int | None = None
+) -> tuple[str, list[int], dict]:
     rng = b.rng
     m, k = shape
     n = n or rng.randint(1, 6)
@@ -217,7 +254,9 @@ def gemm(b: _Builder, x: str, shape: list[int], *, n: int | None = None) -> tupl
     return out, [m, n], {"op": "Gemm", "C": c_shape, **attrs}
 
 
-def matmul(b: _Builder, x: str, shape: list[int], *, n: int | None = None) -> tuple[str, list[int], dict]:
+def matmul(
+    b: _Builder, x: str, shape: list[int], *, n: int | None = None
+) -> tuple[str, list[int], dict]:
     rng = b.rng
     k = shape[-1]
     n = n or rng.randint(1, 6)
@@ -235,7 +274,9 @@ def matmul(b: _Builder, x: str, shape: list[int], *, n: int | None = None) -> tu
 def _activation_stats(b: _Builder, x: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-channel (axis 1) mean and variance of ``x`` on the model's inputs: what a BN trained on
     this data would have recorded."""
-    graph = helper.make_graph(b.nodes, "calib", b.inputs, [helper.make_tensor_value_info(x, ELEM[b.dtype], None)], b.inits)
+    graph = helper.make_graph(
+        b.nodes, "calib", b.inputs, [helper.make_tensor_value_info(x, ELEM[b.dtype], None)], b.inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])
     try:
         with np.errstate(all="ignore"):
@@ -250,8 +291,20 @@ def _stats(b: _Builder, x: str, c: int, dtype: np.dtype) -> tuple[dict[str, np.n
     """γ, β, μ, σ² for ``c`` channels: calibrated on the data (as training records them), ordinary
     random, or extreme."""
     rng, g = b.rng, b.np
-    kind = _pick(rng, [("calibrated", 6), ("normal", 3), ("tiny_var", 1), ("huge_var", 1), ("zero_gamma", 1),
-                       ("negative_gamma", 1), ("big_mean", 1), ("zero_var", 1), ("extreme", 1)])
+    kind = _pick(
+        rng,
+        [
+            ("calibrated", 6),
+            ("normal", 3),
+            ("tiny_var", 1),
+            ("huge_var", 1),
+            ("zero_gamma", 1),
+            ("negative_gamma", 1),
+            ("big_mean", 1),
+            ("zero_var", 1),
+            ("extreme", 1),
+        ],
+    )
     gamma = g.uniform(0.5, 1.5, c) * g.choice([-1.0, 1.0], c)
     beta = g.standard_normal(c) * 0.5
     mean = g.standard_normal(c) * 0.5
@@ -280,11 +333,17 @@ def _stats(b: _Builder, x: str, c: int, dtype: np.dtype) -> tuple[dict[str, np.n
         var = 10 ** g.uniform(-6, 6, c)
         beta = beta * 10 ** rng.uniform(-2, 3)
     with np.errstate(over="ignore"):
-        return {"scale": gamma.astype(dtype), "B": beta.astype(dtype), "mean": mean.astype(dtype),
-                "var": var.astype(dtype)}, kind
+        return {
+            "scale": gamma.astype(dtype),
+            "B": beta.astype(dtype),
+            "mean": mean.astype(dtype),
+            "var": var.astype(dtype),
+        }, kind
 
 
-def batchnorm(b: _Builder, x: str, shape: list[int], *, output: str | None = None) -> tuple[str, dict]:
+def batchnorm(
+    b: _Builder, x: str, shape: list[int], *, output: str | None = None
+) -> tuple[str, dict]:
     rng = b.rng
     c = shape[1]
     param_dtype = b.dtype
@@ -300,26 +359,43 @@ def batchnorm(b: _Builder, x: str, shape: list[int], *, output: str | None = Non
     if b.opset >= 14 and rng.random() < 0.1:
         attrs["training_mode"] = 0
     out = output or b.name("bn")
-    b.nodes.append(helper.make_node("BatchNormalization", [x, *names], [out], name=b.name("BN"), **attrs))
-    return out, {"stats": kind, "epsilon": eps, "params": how,
-                 **({"param_dtype": NAMES[param_dtype]} if param_dtype != b.dtype else {})}
+    b.nodes.append(
+        helper.make_node("BatchNormalization", [x, *names], [out], name=b.name("BN"), **attrs)
+    )
+    return out, {
+        "stats": kind,
+        "epsilon": eps,
+        "params": how,
+        **({"param_dtype": NAMES[param_dtype]} if param_dtype != b.dtype else {}),
+    }
 
 
 # ----------------------------------------------------------------------------- templates
 PLACEMENTS = [
-    ("backward", 10), ("chain", 2), ("producer_shared", 1), ("producer_is_output", 1),
-    ("shared_weight", 2), ("bn_used_twice", 1), ("bn_is_output_and_used", 1), ("forward", 4),
-    ("forward_through", 2), ("bn_on_input", 1),
+    ("backward", 10),
+    ("chain", 2),
+    ("producer_shared", 1),
+    ("producer_is_output", 1),
+    ("shared_weight", 2),
+    ("bn_used_twice", 1),
+    ("bn_is_output_and_used", 1),
+    ("forward", 4),
+    ("forward_through", 2),
+    ("bn_on_input", 1),
 ]
 
 
 def _input_for(b: _Builder, kind: str) -> tuple[str, list[int]]:
     rng = b.rng
-    scale = 10 ** (rng.uniform(1, 3) if rng.random() < 0.15 else rng.uniform(-1, 1))  # sometimes large
+    scale = 10 ** (
+        rng.uniform(1, 3) if rng.random() < 0.15 else rng.uniform(-1, 1)
+    )  # sometimes large
     if kind in ("Conv", "ConvTranspose"):
         rank = _pick(rng, [(1, 3), (2, 4), (3, 1)])
         size = {1: (3, 9), 2: (3, 7), 3: (2, 4)}[rank]
-        shape = [rng.randint(1, 2), rng.choice([1, 2, 3, 4, 6])] + [rng.randint(*size) for _ in range(rank)]
+        shape = [rng.randint(1, 2), rng.choice([1, 2, 3, 4, 6])] + [
+            rng.randint(*size) for _ in range(rank)
+        ]
     elif kind == "MatMul3d":
         shape = [rng.randint(1, 2), rng.randint(1, 4), rng.randint(1, 6)]
     else:
@@ -327,7 +403,9 @@ def _input_for(b: _Builder, kind: str) -> tuple[str, list[int]]:
     return b.input(shape, scale), shape
 
 
-def _producer(b: _Builder, kind: str, x: str, shape: list[int], **kw) -> tuple[str, list[int], dict]:
+def _producer(
+    b: _Builder, kind: str, x: str, shape: list[int], **kw
+) -> tuple[str, list[int], dict]:
     if kind in ("Conv", "ConvTranspose"):
         return conv(b, x, shape, transpose=kind == "ConvTranspose", **kw)
     if kind == "Gemm":
@@ -337,7 +415,9 @@ def _producer(b: _Builder, kind: str, x: str, shape: list[int], **kw) -> tuple[s
 
 def _opset(rng: random.Random, dtype: np.dtype, kind: str) -> int:
     if dtype == BF16:
-        return 22 if kind in ("Conv", "ConvTranspose", "MaxPool") else rng.choice([14, 15, 17, 21, 22])
+        return (
+            22 if kind in ("Conv", "ConvTranspose", "MaxPool") else rng.choice([14, 15, 17, 21, 22])
+        )
     return rng.choice([9, 11, 13, 14, 15, 17, 18, 21])
 
 
@@ -345,7 +425,9 @@ def generate(rng: random.Random) -> Case | None:
     """A random model, or None when the draw does not make a valid one (e.g. a kernel too big)."""
     dtype = _pick(rng, [(F32, 5), (F16, 2), (BF16, 2), (F64, 1)])
     placement = _pick(rng, PLACEMENTS)
-    kind = _pick(rng, [("Conv", 5), ("ConvTranspose", 2), ("Gemm", 2), ("MatMul", 2), ("MatMul3d", 1)])
+    kind = _pick(
+        rng, [("Conv", 5), ("ConvTranspose", 2), ("Gemm", 2), ("MatMul", 2), ("MatMul3d", 1)]
+    )
     if placement in ("forward", "forward_through") and kind == "MatMul3d":
         kind = "MatMul"
     opset = _opset(rng, dtype, "Conv" if placement == "forward_through" else kind)
@@ -364,7 +446,9 @@ def generate(rng: random.Random) -> Case | None:
                 if rng.random() < 0.5:
                     kp = [rng.choice([1, 2]) if d >= 2 else 1 for d in shape[2:]]
                     y = b.node("MaxPool", [y], kernel_shape=kp, strides=kp)
-                    shape = shape[:2] + [(d - k) // k + 1 for d, k in zip(shape[2:], kp, strict=True)]
+                    shape = shape[:2] + [
+                        (d - k) // k + 1 for d, k in zip(shape[2:], kp, strict=True)
+                    ]
                 y = b.node("Flatten", [y], axis=1)
                 shape = [shape[0], math.prod(shape[1:])]
                 prod_kind = rng.choice(["Gemm", "MatMul"])
@@ -384,7 +468,13 @@ def generate(rng: random.Random) -> Case | None:
         if placement == "shared_weight":
             # a second producer with the same weight (and bias), e.g. a tied layer
             twin = onnx.NodeProto()
-            twin.CopyFrom(next(n for n in reversed(b.nodes) if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")))
+            twin.CopyFrom(
+                next(
+                    n
+                    for n in reversed(b.nodes)
+                    if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                )
+            )
             twin.name, twin.output[0] = b.name("twin"), b.name("twin_out")
             b.nodes.append(twin)
             b.output(twin.output[0])
@@ -422,7 +512,9 @@ def _convert_tensor(t: TensorProto, to: np.dtype) -> TensorProto:
     return numpy_helper.from_array(numpy_helper.to_array(t).astype(to), t.name)
 
 
-def convert(model: onnx.ModelProto, to: np.dtype, *, round_to: np.dtype | None = None) -> onnx.ModelProto:
+def convert(
+    model: onnx.ModelProto, to: np.dtype, *, round_to: np.dtype | None = None
+) -> onnx.ModelProto:
     """The same model with every float tensor, type and Cast in dtype ``to``; with ``round_to``,
     every node's output is rounded to that dtype and back (storage in ``round_to``, arithmetic in
     ``to``)."""
@@ -453,7 +545,9 @@ def convert(model: onnx.ModelProto, to: np.dtype, *, round_to: np.dtype | None =
         nodes.append(node)
         for o in outs:
             if o:
-                nodes.append(helper.make_node("Cast", [o + "__exact"], [o + "__r"], to=ELEM[round_to]))
+                nodes.append(
+                    helper.make_node("Cast", [o + "__exact"], [o + "__r"], to=ELEM[round_to])
+                )
                 nodes.append(helper.make_node("Cast", [o + "__r"], [o], to=elem))
     g.ClearField("node")
     g.node.extend(nodes)
@@ -467,14 +561,19 @@ def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
     options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, feeds)
 
 
 def _ungroup_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnx's ReferenceEvaluator gets grouped ConvTranspose wrong: split it into one per group."""
-    grouped = [n for n in model.graph.node if n.op_type == "ConvTranspose"
-               and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    grouped = [
+        n
+        for n in model.graph.node
+        if n.op_type == "ConvTranspose" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
     if not grouped:
         return model
     m = onnx.ModelProto()
@@ -497,14 +596,18 @@ def _ungroup_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
         outs = []
         for i in range(group):
             idx = node.output[0] + f"__i{i}"
-            m.graph.initializer.append(numpy_helper.from_array(np.arange(i * cin_g, (i + 1) * cin_g, dtype=np.int64), idx))
+            m.graph.initializer.append(
+                numpy_helper.from_array(np.arange(i * cin_g, (i + 1) * cin_g, dtype=np.int64), idx)
+            )
             nodes.append(helper.make_node("Gather", [node.input[0], idx], [parts[i]], axis=1))
             wi = node.output[0] + f"__w{i}"
-            m.graph.initializer.append(numpy_helper.from_array(w[i * cin_g:(i + 1) * cin_g], wi))
+            m.graph.initializer.append(numpy_helper.from_array(w[i * cin_g : (i + 1) * cin_g], wi))
             ins = [parts[i], wi]
             if bias is not None:
                 bi = node.output[0] + f"__b{i}"
-                m.graph.initializer.append(numpy_helper.from_array(bias[i * cout_g:(i + 1) * cout_g], bi))
+                m.graph.initializer.append(
+                    numpy_helper.from_array(bias[i * cout_g : (i + 1) * cout_g], bi)
+                )
                 ins.append(bi)
             outs.append(node.output[0] + f"__y{i}")
             nodes.append(helper.make_node("ConvTranspose", ins, [outs[-1]], **attrs))
@@ -522,8 +625,19 @@ def _bn_op():
     class BatchNormalization(OpRun):
         op_domain = ""
 
-        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, training_mode=None,
-                 spatial=None, is_test=None):
+        def _run(
+            self,
+            x,
+            scale,
+            bias,
+            mean,
+            var,
+            epsilon=None,
+            momentum=None,
+            training_mode=None,
+            spatial=None,
+            is_test=None,
+        ):
             shape = (1, -1) + (1,) * (x.ndim - 2)
             eps = 1e-5 if epsilon is None else float(epsilon)
 
@@ -544,8 +658,19 @@ def _magnitude_ops():
     class BatchNormalization(OpRun):
         op_domain = ""
 
-        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, training_mode=None,
-                 spatial=None, is_test=None):
+        def _run(
+            self,
+            x,
+            scale,
+            bias,
+            mean,
+            var,
+            epsilon=None,
+            momentum=None,
+            training_mode=None,
+            spatial=None,
+            is_test=None,
+        ):
             shape = (1, -1) + (1,) * (x.ndim - 2)
             eps = 1e-5 if epsilon is None else float(epsilon)
 
@@ -571,7 +696,9 @@ def _magnitude_ops():
     return [BatchNormalization, Neg, Sub]
 
 
-def _reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, magnitude: bool = False) -> list[np.ndarray]:
+def _reference(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, magnitude: bool = False
+) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
     model = _ungroup_conv_transpose(model)
@@ -579,8 +706,9 @@ def _reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, magnitud
     return [np.asarray(v) for v in ReferenceEvaluator(model, new_ops=ops).run(None, feeds)]
 
 
-def run_native(model: onnx.ModelProto, feeds: dict[str, np.ndarray], dtype: np.dtype,
-               engine: str | None = None) -> tuple[list[np.ndarray], str]:
+def run_native(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], dtype: np.dtype, engine: str | None = None
+) -> tuple[list[np.ndarray], str]:
     """Run in the model's dtype: ORT (optimizations off); bfloat16 emulated on ORT; ORT's missing
     kernels (float64 Conv) on the ReferenceEvaluator. ``engine`` forces the one the original used."""
     if dtype == BF16:
@@ -591,7 +719,11 @@ def run_native(model: onnx.ModelProto, feeds: dict[str, np.ndarray], dtype: np.d
         try:
             return _ort(model, feeds), "ort"
         except Exception as exc:
-            if engine == "ort" or "NOT_IMPLEMENTED" not in str(exc) and "Could not find an implementation" not in str(exc):
+            if (
+                engine == "ort"
+                or "NOT_IMPLEMENTED" not in str(exc)
+                and "Could not find an implementation" not in str(exc)
+            ):
                 raise
     return _reference(model, feeds), "reference"
 
@@ -619,7 +751,12 @@ def run_magnitude(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[
             if node.op_type == "Gemm" and a.name in ("alpha", "beta"):
                 a.f = abs(a.f)
     with np.errstate(all="ignore"):
-        return [np.abs(v) for v in _reference(m, {k: np.abs(v.astype(F64)) for k, v in feeds.items()}, magnitude=True)]
+        return [
+            np.abs(v)
+            for v in _reference(
+                m, {k: np.abs(v.astype(F64)) for k, v in feeds.items()}, magnitude=True
+            )
+        ]
 
 
 # ----------------------------------------------------------------------------- the check
@@ -638,8 +775,14 @@ class Outcome:
         return self.status in ("wrong", "crash")
 
 
-def compare(truth: np.ndarray, orig: np.ndarray, folded: np.ndarray, magnitude: np.ndarray,
-            dtype: np.dtype, truth_magnitude: np.ndarray | None = None) -> tuple[str | None, str]:
+def compare(
+    truth: np.ndarray,
+    orig: np.ndarray,
+    folded: np.ndarray,
+    magnitude: np.ndarray,
+    dtype: np.dtype,
+    truth_magnitude: np.ndarray | None = None,
+) -> tuple[str | None, str]:
     """Judge the folded model's output against the truth: (None | "wrong" | "imprecise", message).
 
     * wrong: its error exceeds what rounding in ``dtype`` can explain, ERROR_FACTOR × the original's
@@ -669,15 +812,23 @@ def compare(truth: np.ndarray, orig: np.ndarray, folded: np.ndarray, magnitude: 
     mag = float(np.max(np.asarray(magnitude, dtype=np.float64)[rep]))
     rounding = ERROR_FACTOR * e_orig + ROUNDING_FACTOR * UNIT[dtype] * mag
     if truth_magnitude is not None:  # the float64 truth is itself rounded
-        rounding += ROUNDING_FACTOR * UNIT[F64] * float(np.max(np.asarray(truth_magnitude, dtype=np.float64)[rep]))
+        rounding += (
+            ROUNDING_FACTOR
+            * UNIT[F64]
+            * float(np.max(np.asarray(truth_magnitude, dtype=np.float64)[rep]))
+        )
     close = ERROR_FACTOR * e_orig + TOL[dtype] * scale
-    what = (f"max error {e_fold:.3g} vs truth; original's {e_orig:.3g}; max |truth| {scale:.3g}; "
-            f"rounding bound {rounding:.3g}")
+    what = (
+        f"max error {e_fold:.3g} vs truth; original's {e_orig:.3g}; max |truth| {scale:.3g}; "
+        f"rounding bound {rounding:.3g}"
+    )
     if e_fold > max(rounding, close):
         return "wrong", what
     if e_fold > close:
         return "imprecise", what
     return None, what
+
+
 def offset_ratio(model: onnx.ModelProto) -> float:
     """max |μ| / √(σ² + ε) over the model's BNs: the BN subtracts a mean this many standard
     deviations away from 0, so folding it moves a cancellation of that size into rounded weights."""
@@ -706,7 +857,9 @@ def check(case: Case) -> Outcome:
     from bnfold.errors import BnfoldError
     from bnfold.report import SkipReason
 
-    out = Outcome("skipped", case.description, dtype=NAMES[case.dtype], offset_ratio=offset_ratio(case.model))
+    out = Outcome(
+        "skipped", case.description, dtype=NAMES[case.dtype], offset_ratio=offset_ratio(case.model)
+    )
     try:
         truth = run_truth(case.model, case.feeds)
         orig, engine = run_native(case.model, case.feeds, case.dtype)
@@ -715,7 +868,9 @@ def check(case: Case) -> Outcome:
         return out
     for o, t, a in zip(case.model.graph.output, truth, orig, strict=True):
         if np.shape(t) != np.shape(a):  # the two engines disagree on the original: no judge
-            out.message = f"output {o.name}: reference shape {np.shape(t)}, {engine} shape {np.shape(a)}"
+            out.message = (
+                f"output {o.name}: reference shape {np.shape(t)}, {engine} shape {np.shape(a)}"
+            )
             return out
     before = case.model.SerializeToString()
     try:
@@ -732,8 +887,13 @@ def check(case: Case) -> Outcome:
         problems.append("the input ModelProto was modified")
     folded = result.model
     n_bn = sum(n.op_type == "BatchNormalization" for n in case.model.graph.node)
-    out.decisions = [("folded" if d.folded else "kept", None if d.folded else getattr(d.reason, "value", str(d.reason)))
-                     for d in result.decisions]
+    out.decisions = [
+        (
+            "folded" if d.folded else "kept",
+            None if d.folded else getattr(d.reason, "value", str(d.reason)),
+        )
+        for d in result.decisions
+    ]
     if len(result.decisions) != n_bn:
         problems.append(f"{len(result.decisions)} decisions for {n_bn} BatchNormalization nodes")
     for d in result.decisions:
@@ -749,7 +909,9 @@ def check(case: Case) -> Outcome:
     except Exception as exc:
         problems.append(f"onnx.checker: {str(exc).splitlines()[0][:300]}")
     sig = [(v.name, v.type.SerializeToString()) for v in case.model.graph.input]
-    if [(v.name, v.type.SerializeToString()) for v in folded.graph.input if v.name in dict(sig)] != sig:
+    if [
+        (v.name, v.type.SerializeToString()) for v in folded.graph.input if v.name in dict(sig)
+    ] != sig:
         problems.append("graph inputs changed")
     if [o.name for o in folded.graph.output] != [o.name for o in case.model.graph.output]:
         problems.append("graph outputs changed")
@@ -757,12 +919,15 @@ def check(case: Case) -> Outcome:
         try:
             got, _ = run_native(folded, case.feeds, case.dtype, engine=engine)
         except Exception as exc:
-            problems.append(f"folded model does not run on {engine}: {str(exc).splitlines()[0][:300]}")
+            problems.append(
+                f"folded model does not run on {engine}: {str(exc).splitlines()[0][:300]}"
+            )
         else:
             magnitude = run_magnitude(folded, case.feeds)
             truth_magnitude = run_magnitude(case.model, case.feeds)
-            for o, t, a, f, mag, tmag in zip(case.model.graph.output, truth, orig, got, magnitude,
-                                             truth_magnitude, strict=True):
+            for o, t, a, f, mag, tmag in zip(
+                case.model.graph.output, truth, orig, got, magnitude, truth_magnitude, strict=True
+            ):
                 verdict, why = compare(t, a, f, mag, case.dtype, tmag)
                 if verdict == "wrong":
                     problems.append(f"output {o.name}: {why}")

@@ -38,7 +38,12 @@ def tree(tmp_path) -> Path:
 
 def test_expand_inputs_mirrors_layout_and_accepts_globs(tree):
     found = expand_inputs([tree / "models"])
-    assert [str(rel) for _, rel in found] == ["cnn1d.onnx", "kept_bn.onnx", "sub/broken.onnx", "sub/mlp_bn.onnx"]
+    assert [str(rel) for _, rel in found] == [
+        "cnn1d.onnx",
+        "kept_bn.onnx",
+        "sub/broken.onnx",
+        "sub/mlp_bn.onnx",
+    ]
     globbed = expand_inputs([str(tree / "models" / "*.onnx")])
     assert [p.name for p, _ in globbed] == ["cnn1d.onnx", "kept_bn.onnx"]
 
@@ -49,7 +54,12 @@ def test_batch_with_a_failing_model_in_the_middle(tree, jobs):
     result = invoke("fold", tree / "models", "-O", out, "--jobs", jobs, "--json", "-")
     assert result.exit_code == 2, result.output  # the worst result: one bad input
     report = json.loads(result.stdout)
-    assert [Path(m["input"]).name for m in report["models"]] == ["cnn1d.onnx", "kept_bn.onnx", "broken.onnx", "mlp_bn.onnx"]
+    assert [Path(m["input"]).name for m in report["models"]] == [
+        "cnn1d.onnx",
+        "kept_bn.onnx",
+        "broken.onnx",
+        "mlp_bn.onnx",
+    ]
     broken = report["models"][2]
     assert broken["exit_code"] == 2 and "not a valid ONNX model" in broken["error"]
     assert all(m["passed"] for k, m in enumerate(report["models"]) if k != 2)
@@ -58,7 +68,13 @@ def test_batch_with_a_failing_model_in_the_middle(tree, jobs):
 
 
 def test_batch_output_in_ci_logs_is_plain_lines(tree):
-    result = invoke("fold", tree / "models" / "cnn1d.onnx", tree / "models" / "sub" / "mlp_bn.onnx", "-O", tree / "o")
+    result = invoke(
+        "fold",
+        tree / "models" / "cnn1d.onnx",
+        tree / "models" / "sub" / "mlp_bn.onnx",
+        "-O",
+        tree / "o",
+    )
     assert result.exit_code == 0, result.output
     assert "[1/2] " in result.output and "[2/2] " in result.output
     assert "\x1b[" not in result.output  # no colours or cursor movement when not a terminal
@@ -79,14 +95,19 @@ def test_check_exit_codes_and_allow_list(tree, tmp_path):
     foldable = report["models"][0]["foldable"]
     assert [f["target_op"] for f in foldable] == ["Conv", "Conv"]
     assert model.read_bytes() == before and sorted(p.name for p in model.parent.iterdir()) == [
-        "cnn1d.onnx", "kept_bn.onnx", "sub"]  # read-only
+        "cnn1d.onnx",
+        "kept_bn.onnx",
+        "sub",
+    ]  # read-only
 
     assert invoke("check", model, "--allow", "2").exit_code == 0
     assert invoke("check", model, "--allow", "1").exit_code == 1
     names = [f["name"] for f in foldable]
     allowed = sum((["--allow-node", n] for n in names), [])
     assert invoke("check", model, *allowed).exit_code == 0
-    assert invoke("check", tree / "models" / "kept_bn.onnx").exit_code == 0  # kept BNs are not foldable
+    assert (
+        invoke("check", tree / "models" / "kept_bn.onnx").exit_code == 0
+    )  # kept BNs are not foldable
     assert invoke("check", tree / "models" / "sub" / "broken.onnx").exit_code == 2
 
 
@@ -103,7 +124,9 @@ def test_markdown_outputs_and_step_summary(tree, tmp_path):
     summary = tmp_path / "summary.md"
     md = tmp_path / "fold.md"
     env = {"GITHUB_STEP_SUMMARY": str(summary)}
-    result = invoke("fold", tree / "models" / "kept_bn.onnx", "-o", tree / "k.onnx", "--markdown", md, env=env)
+    result = invoke(
+        "fold", tree / "models" / "kept_bn.onnx", "-o", tree / "k.onnx", "--markdown", md, env=env
+    )
     assert result.exit_code == 0
     text = md.read_text()
     assert "### bnfold fold: PASSED" in text and "unsupported_producer" in text and "Relu" in text
@@ -124,7 +147,9 @@ def test_environment_variables(tree):
 
 def test_pre_commit_hook_definition():
     text = (ROOT / ".pre-commit-hooks.yaml").read_text()
-    assert "id: bnfold-check" in text and "entry: bnfold check" in text and r"files: \.onnx$" in text
+    assert (
+        "id: bnfold-check" in text and "entry: bnfold check" in text and r"files: \.onnx$" in text
+    )
 
 
 def _readme_ci_commands() -> list[str]:

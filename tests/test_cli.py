@@ -58,7 +58,16 @@ def test_json_report_schema(cnn, tmp_path):
     assert report["passed"] is True and report["written"] is True
     assert report["totals"] == {"batchnorms": 2, "folded": 2, "kept": 0}
     bn = report["batchnorms"][0]
-    assert set(bn) == {"name", "graph", "status", "direction", "target", "target_op", "reason", "detail"}
+    assert set(bn) == {
+        "name",
+        "graph",
+        "status",
+        "direction",
+        "target",
+        "target_op",
+        "reason",
+        "detail",
+    }
     assert bn["status"] == "folded" and bn["target_op"] == "Conv" and bn["direction"] == "backward"
     v = report["verification"]
     assert v["passed"] is True
@@ -110,8 +119,17 @@ def test_no_verify(cnn, tmp_path):
 
 
 def test_input_shape_option(tmp_path):
-    result = invoke("fold", SAMPLES / "cnn1d.onnx", "-o", tmp_path / "o.onnx", "--input-shape", "input=4,3,28",
-                    "--json", "-", "-q")
+    result = invoke(
+        "fold",
+        SAMPLES / "cnn1d.onnx",
+        "-o",
+        tmp_path / "o.onnx",
+        "--input-shape",
+        "input=4,3,28",
+        "--json",
+        "-",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["verification"]["input_shapes"] == {"input": [4, 3, 28]}
 
@@ -138,8 +156,18 @@ def test_external_data_option(cnn, tmp_path):
         ("copy", ["fold", "{tmp}/m.onnx", "--input-shape", "nope=1,2"], "nope"),
         ("copy", ["fold", "{tmp}/m.onnx", "--input-shape", "input=1,3"], "input"),
     ],
-    ids=["missing", "directory", "empty", "not-onnx", "output-is-input", "no-folder", "output-dir",
-         "bad-shape-syntax", "unknown-input", "wrong-rank"],
+    ids=[
+        "missing",
+        "directory",
+        "empty",
+        "not-onnx",
+        "output-is-input",
+        "no-folder",
+        "output-dir",
+        "bad-shape-syntax",
+        "unknown-input",
+        "wrong-rank",
+    ],
 )
 def test_bad_input_exit_2_one_line(tmp_path, setup, args, text):
     if setup == "empty":
@@ -186,14 +214,25 @@ def test_import_and_help_do_not_import_torch_or_onnxruntime():
         "heavy = [m for m in ('torch', 'onnxruntime') if m in sys.modules]\n"
         "print(heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 
 def test_checkout_shim_runs_the_same_app(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "fold", str(SAMPLES / "mlp_bn.onnx"), "-o", str(tmp_path / "o.onnx"), "-q"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "fold",
+            str(SAMPLES / "mlp_bn.onnx"),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "PASSED"
@@ -266,7 +305,9 @@ def test_verify_passes_an_exact_fold(folded_and_broken):
 
 def test_verify_catches_a_perturbed_weight_and_localizes_it(folded_and_broken, tmp_path):
     _, broken = folded_and_broken
-    result = invoke("verify", SAMPLES / "cnn2d.onnx", broken, "--localize", "--json", tmp_path / "v.json")
+    result = invoke(
+        "verify", SAMPLES / "cnn2d.onnx", broken, "--localize", "--json", tmp_path / "v.json"
+    )
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines()[-1] == "FAILED"
     assert "/3/Conv" in result.output
@@ -276,7 +317,9 @@ def test_verify_catches_a_perturbed_weight_and_localizes_it(folded_and_broken, t
     assert report["localize"]["divergence"]["node"] == "/3/Conv"
 
 
-def test_verify_options_user_data_distribution_and_markdown(folded_and_broken, tmp_path, monkeypatch):
+def test_verify_options_user_data_distribution_and_markdown(
+    folded_and_broken, tmp_path, monkeypatch
+):
     import numpy as np
 
     folded, _ = folded_and_broken
@@ -284,17 +327,47 @@ def test_verify_options_user_data_distribution_and_markdown(folded_and_broken, t
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 28, 28), np.float32))
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    result = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--data", tmp_path / "batch.npz",
-                    "--data", f"input={tmp_path / 'x.npy'}", "--json", "-", "-q")
+    result = invoke(
+        "verify",
+        SAMPLES / "cnn2d.onnx",
+        folded,
+        "--data",
+        tmp_path / "batch.npz",
+        "--data",
+        f"input={tmp_path / 'x.npy'}",
+        "--json",
+        "-",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["samples"] == 2 and report["input_shapes"] == {"input": [2, 3, 28, 28]}
     assert "bnfold verify: PASSED" in summary.read_text()
-    uniform = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--dist", "uniform", "--range", "0,1",
-                     "--tol", "logits=1e-6,1e-6", "-q")
+    uniform = invoke(
+        "verify",
+        SAMPLES / "cnn2d.onnx",
+        folded,
+        "--dist",
+        "uniform",
+        "--range",
+        "0,1",
+        "--tol",
+        "logits=1e-6,1e-6",
+        "-q",
+    )
     assert uniform.exit_code == 0, uniform.output  # seeded: the fold's error stays below 1e-6 here
-    exact = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--dist", "uniform", "--range", "0,1",
-                   "--tol", "logits=0,0", "-q")
+    exact = invoke(
+        "verify",
+        SAMPLES / "cnn2d.onnx",
+        folded,
+        "--dist",
+        "uniform",
+        "--range",
+        "0,1",
+        "--tol",
+        "logits=0,0",
+        "-q",
+    )
     assert exact.exit_code == 1  # a fold changes rounding, so a zero tolerance must fail
     bad = invoke("verify", SAMPLES / "cnn2d.onnx", folded, "--range", "1")
     assert bad.exit_code == 2 and "malformed --range" in bad.stderr
@@ -305,12 +378,27 @@ def test_verify_options_user_data_distribution_and_markdown(folded_and_broken, t
 def test_bench_reports_both_levels_as_json_and_markdown(folded_and_broken, tmp_path):
     folded, _ = folded_and_broken
     md = tmp_path / "bench.md"
-    result = invoke("bench", SAMPLES / "cnn2d.onnx", folded, "--runs", "20", "--warmup", "2",
-                    "--json", "-", "--markdown", md)
+    result = invoke(
+        "bench",
+        SAMPLES / "cnn2d.onnx",
+        folded,
+        "--runs",
+        "20",
+        "--warmup",
+        "2",
+        "--json",
+        "-",
+        "--markdown",
+        md,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {(e["model"], e["level"]) for e in report["entries"]} == {
-        ("cnn2d.onnx", "disable"), ("cnn2d.onnx", "all"), ("folded.onnx", "disable"), ("folded.onnx", "all")}
+        ("cnn2d.onnx", "disable"),
+        ("cnn2d.onnx", "all"),
+        ("folded.onnx", "disable"),
+        ("folded.onnx", "all"),
+    }
     ratio = report["ratios"][0]
     assert ratio["ci_low"] <= ratio["median_ratio"] <= ratio["ci_high"]
     text = md.read_text()
@@ -324,7 +412,9 @@ def test_bench_unknown_provider_is_exit_2():
 
 
 def test_fold_bench_adds_the_comparison(tmp_path):
-    result = invoke("fold", SAMPLES / "mlp_bn.onnx", "-o", tmp_path / "o.onnx", "--bench", "--json", "-", "-q")
+    result = invoke(
+        "fold", SAMPLES / "mlp_bn.onnx", "-o", tmp_path / "o.onnx", "--bench", "--json", "-", "-q"
+    )
     assert result.exit_code == 0, result.output
     bench = json.loads(result.stdout)["bench"]
     assert [r["model"] for r in bench["ratios"]] == ["folded", "folded"]

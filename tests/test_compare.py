@@ -286,7 +286,9 @@ def test_min_tolerances_to_pass_are_exact(ref, noise, atol, rtol):
     assert compare_outputs("y", ref, cand, atol=out.min_atol_to_pass, rtol=rtol).passed
     if out.min_atol_to_pass > 0:
         # Minimal up to float rounding of atol + rtol·|ref|: a value a little smaller fails.
-        smaller = min(out.min_atol_to_pass * (1 - 1e-9), float(np.nextafter(out.min_atol_to_pass, 0)))
+        smaller = min(
+            out.min_atol_to_pass * (1 - 1e-9), float(np.nextafter(out.min_atol_to_pass, 0))
+        )
         assert not compare_outputs("y", ref, cand, atol=smaller, rtol=rtol).passed
     if math.isfinite(out.min_rtol_to_pass):
         assert compare_outputs("y", ref, cand, atol=atol, rtol=out.min_rtol_to_pass).passed

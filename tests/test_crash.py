@@ -43,18 +43,37 @@ def build(path: Path, seed: int) -> None:
     for i in range(LAYERS):
         w = (rng.standard_normal((C, C, 3, 3)) * (2 / (9 * C)) ** 0.5).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
-        for k, v in {"s": rng.uniform(0.5, 1.5, C), "b": rng.normal(0, 0.1, C),
-                     "m": rng.normal(0, 0.1, C), "v": rng.uniform(0.5, 2.0, C)}.items():
+        for k, v in {
+            "s": rng.uniform(0.5, 1.5, C),
+            "b": rng.normal(0, 0.1, C),
+            "m": rng.normal(0, 0.1, C),
+            "v": rng.uniform(0.5, 2.0, C),
+        }.items():
             inits.append(numpy_helper.from_array(v.astype(np.float32), f"{k}{i}"))
         nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
         y = "Y" if i == LAYERS - 1 else f"y{i}"
-        nodes.append(helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [y]))
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [y]
+            )
+        )
         x = y
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, C, 4, 4])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, C, 4, 4])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, C, 4, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, C, 4, 4])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data", size_threshold=1024)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def run_model(path: Path) -> np.ndarray:
@@ -73,17 +92,24 @@ def digest(path: Path) -> str:
 
 def referenced_data(model_path: Path) -> set[str]:
     proto = onnx.load(str(model_path), load_external_data=False)
-    return {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return {
+        e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"
+    }
 
 
 def visible_state(folder: Path) -> dict[str, str]:
     """Digest of every non-hidden file in the folder."""
-    return {p.name: digest(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.name: digest(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+    }
 
 
 FOLD = [sys.executable, str(ROOT / "cli.py"), "fold", "in.onnx", "-o", "out.onnx", "-q"]
 #: the checkout first on the path, also for ``python -c`` (cli.py finds it by itself)
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 
 KILL_INSIDE = """\
 import os, signal, sys
@@ -112,7 +138,10 @@ class Scene:
         self.folder = folder
         build(folder / "in.onnx", seed=1)
         build(folder / "other.onnx", seed=2)
-        self.inputs = {p: digest(folder / p) for p in ("in.onnx", "in.onnx.data", "other.onnx", "other.onnx.data")}
+        self.inputs = {
+            p: digest(folder / p)
+            for p in ("in.onnx", "in.onnx.data", "other.onnx", "other.onnx.data")
+        }
         self.expected = run_model(folder / "in.onnx")
         # The fold is deterministic: every complete new data file has these bytes.
         reference = folder.parent / f"{folder.name}-reference"
@@ -120,14 +149,18 @@ class Scene:
         fold(folder / "in.onnx", reference / "out.onnx", verify=False)
         (new_data,) = referenced_data(reference / "out.onnx")
         self.new_data = digest(reference / new_data)
-        done = subprocess.run([*FOLD[:3], "other.onnx", *FOLD[4:]], cwd=folder, capture_output=True, text=True)
+        done = subprocess.run(
+            [*FOLD[:3], "other.onnx", *FOLD[4:]], cwd=folder, capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
         self.remember()
 
     def remember(self) -> None:
         """Record the current output as 'the previous one' for the next kill."""
         self.previous = visible_state(self.folder)
-        self.previous_data = {name: self.previous[name] for name in referenced_data(self.folder / "out.onnx")}
+        self.previous_data = {
+            name: self.previous[name] for name in referenced_data(self.folder / "out.onnx")
+        }
 
     def check(self, label: str) -> str:
         """The invariant after a kill; returns 'previous' or 'new'."""
@@ -145,19 +178,27 @@ class Scene:
             refs = referenced_data(out)
             assert refs, f"{label}: the new model has no external data"
             for name in refs:
-                assert state.get(name) == self.new_data, f"{label}: {name} of the new model is not complete"
+                assert state.get(name) == self.new_data, (
+                    f"{label}: {name} of the new model is not complete"
+                )
             onnx.checker.check_model(str(out), full_check=True)
             got = run_model(out)
-            np.testing.assert_allclose(got, self.expected, rtol=1e-4, atol=1e-4 * float(np.abs(self.expected).max()))
+            np.testing.assert_allclose(
+                got, self.expected, rtol=1e-4, atol=1e-4 * float(np.abs(self.expected).max())
+            )
         known = {self.new_data, *self.previous.values()}
         for name, d in state.items():
             if name in self.inputs or name == "out.onnx":
                 continue
-            assert name.startswith("out.onnx.") and name.endswith(".data"), f"{label}: stray file {name}"
+            assert name.startswith("out.onnx.") and name.endswith(".data"), (
+                f"{label}: stray file {name}"
+            )
             assert d in known, f"{label}: {name} is neither a complete new data file nor an old one"
         for p in self.folder.iterdir():
             if p.name.startswith("."):
-                assert p.name.startswith(".out.onnx.bnfold-") and p.is_dir(), f"{label}: unexpected {p.name}"
+                assert p.name.startswith(".out.onnx.bnfold-") and p.is_dir(), (
+                    f"{label}: unexpected {p.name}"
+                )
         self.remember()
         return outcome
 
@@ -194,15 +235,29 @@ def test_sigkill_never_leaves_a_half_written_output(tmp_path):
     outcomes.append(("staging appeared", killed, scene.check("staging appeared")))
 
     def data_growing() -> bool:
-        return any(f.is_file() and f.stat().st_size > 0 for d in _staging(tmp_path) for f in d.rglob("*.data"))
+        return any(
+            f.is_file() and f.stat().st_size > 0
+            for d in _staging(tmp_path)
+            for f in d.rglob("*.data")
+        )
 
     killed = _poll_kill(tmp_path, data_growing)
     outcomes.append(("writing data", killed, scene.check("writing data")))
 
     # 2. Inside the commit, from within the process.
-    for step in ("_publish_data:before", "_publish_data:after", "_replace_model:after", "_remove_files:before"):
-        proc = subprocess.run([sys.executable, "-c", KILL_INSIDE, step, *FOLD[2:]], cwd=tmp_path,
-                              capture_output=True, text=True, env=ENV)
+    for step in (
+        "_publish_data:before",
+        "_publish_data:after",
+        "_replace_model:after",
+        "_remove_files:before",
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_INSIDE, step, *FOLD[2:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=ENV,
+        )
         assert proc.returncode == -signal.SIGKILL, (step, proc.returncode, proc.stderr)
         outcomes.append((step, True, scene.check(step)))
 
@@ -215,17 +270,23 @@ def test_sigkill_never_leaves_a_half_written_output(tmp_path):
     rng = random.Random(20240601)
     for i in range(4):
         delay = rng.uniform(0.1, 1.1) * full
-        proc = subprocess.Popen(FOLD, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            FOLD, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(delay)
         killed = _kill(proc)
-        outcomes.append((f"after {delay:.2f}s", killed, scene.check(f"random kill {i} at {delay:.2f}s")))
+        outcomes.append(
+            (f"after {delay:.2f}s", killed, scene.check(f"random kill {i} at {delay:.2f}s"))
+        )
 
     kinds = {o for _, _, o in outcomes}
     assert "previous" in kinds and "new" in kinds, outcomes
     # the commit-step kills land exactly where expected
     by_step = {label: o for label, _, o in outcomes}
     assert by_step["_publish_data:before"] == "previous"
-    assert by_step["_publish_data:after"] == "previous"  # new data in place, old model still in charge
+    assert (
+        by_step["_publish_data:after"] == "previous"
+    )  # new data in place, old model still in charge
     assert by_step["_replace_model:after"] == "new"
 
     # 4. A later run removes the staging folders of the dead runs once they are old enough.
@@ -238,7 +299,11 @@ def test_sigkill_never_leaves_a_half_written_output(tmp_path):
     assert done.returncode == 0, done.stderr
     assert scene.check("final run") == "new"
     assert _staging(tmp_path) == []
-    data_files = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.onnx.") and p.name.endswith(".data"))
+    data_files = sorted(
+        p.name
+        for p in tmp_path.iterdir()
+        if p.name.startswith("out.onnx.") and p.name.endswith(".data")
+    )
     assert set(referenced_data(tmp_path / "out.onnx")) <= set(data_files)
 
 
@@ -264,17 +329,38 @@ def _small(path: Path, seed: int) -> None:
     w = rng.standard_normal((64, 3, 1, 1)).astype(np.float32)  # > 256 bytes: stays external
     inits = [numpy_helper.from_array(w, "w")] + [
         numpy_helper.from_array(v.astype(np.float32), k)
-        for k, v in {"s": rng.uniform(0.5, 1, 64), "b": rng.normal(size=64), "m": rng.normal(size=64), "v": rng.uniform(0.5, 1, 64)}.items()]
+        for k, v in {
+            "s": rng.uniform(0.5, 1, 64),
+            "b": rng.normal(size=64),
+            "m": rng.normal(size=64),
+            "v": rng.uniform(0.5, 1, 64),
+        }.items()
+    ]
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["X", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["Y"])],
-        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 2, 2])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 64, 2, 2])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
-              save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+        [
+            helper.make_node("Conv", ["X", "w"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["Y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 64, 2, 2])],
+        inits,
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(path),
+        save_as_external_data=True,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
 
 
 def _data_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("out.onnx") and p.name.endswith(".data"))
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name.startswith("out.onnx") and p.name.endswith(".data")
+    )
 
 
 def test_rewriting_an_output_never_overwrites_its_data_and_removes_the_old_data(tmp_path):

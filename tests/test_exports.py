@@ -32,7 +32,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -42,9 +44,14 @@ class BasicBlock(nn.Module):
 
 def resnet_like() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        BasicBlock(8, 8, 1), BasicBlock(8, 16, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        BasicBlock(8, 8, 1),
+        BasicBlock(8, 16, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
 
 
@@ -54,9 +61,14 @@ class InvertedResidual(nn.Module):
         hidden = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x):
@@ -66,10 +78,17 @@ class InvertedResidual(nn.Module):
 
 def mobilenet_v2_like() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
-        InvertedResidual(8, 8, 1, 2), InvertedResidual(8, 12, 2, 3),
-        nn.Conv2d(12, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        InvertedResidual(8, 8, 1, 2),
+        InvertedResidual(8, 12, 2, 3),
+        nn.Conv2d(12, 24, 1, bias=False),
+        nn.BatchNorm2d(24),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 10),
     )
 
 
@@ -95,8 +114,12 @@ class UNetDecoder(nn.Module):
 
 def mlp_bn1d() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Linear(32, 16), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.Linear(12, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Linear(32, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
         nn.Linear(16, 4),
     )
 
@@ -104,18 +127,30 @@ def mlp_bn1d() -> nn.Module:
 def keras_style() -> nn.Module:
     """Conv → ReLU → BN → MaxPool → Conv: BNs that only a forward fold (through MaxPool) removes."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
     )
 
 
 def cnn1d_bn_before_linear() -> nn.Module:
     """A 1-D CNN whose last BN comes after the activation, right before Flatten → Linear."""
     return nn.Sequential(
-        nn.Conv1d(3, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(),
-        nn.Conv1d(6, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm1d(4),
-        nn.Flatten(), nn.Linear(4 * 12, 5),
+        nn.Conv1d(3, 6, 3, padding=1),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Conv1d(6, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.BatchNorm1d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 12, 5),
     )
 
 
@@ -143,7 +178,9 @@ def build(name: str) -> tuple[nn.Module, tuple]:
                 m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
                 sign = torch.where(torch.rand(c, generator=gen) < 0.2, -1.0, 1.0)
-                m.weight.copy_((torch.rand(c, generator=gen) + 0.5) * (1.0 if name in FORWARD else sign))
+                m.weight.copy_(
+                    (torch.rand(c, generator=gen) + 0.5) * (1.0 if name in FORWARD else sign)
+                )
                 m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
     inputs = tuple(torch.randn(s, generator=gen) for s in shapes)
     return model.eval(), inputs
@@ -155,9 +192,17 @@ def export(model: nn.Module, inputs: tuple, exporter: str) -> onnx.ModelProto:
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, inputs, buf, dynamo=False, do_constant_folding=False, opset_version=17,
-                              input_names=names, output_names=["out"],
-                              dynamic_axes={**{n: {0: "N"} for n in names}, "out": {0: "N"}})
+            torch.onnx.export(
+                model,
+                inputs,
+                buf,
+                dynamo=False,
+                do_constant_folding=False,
+                opset_version=17,
+                input_names=names,
+                output_names=["out"],
+                dynamic_axes={**{n: {0: "N"} for n in names}, "out": {0: "N"}},
+            )
         return onnx.load_from_string(buf.getvalue())
     pytest.importorskip("onnxscript")
     with warnings.catch_warnings():
@@ -178,8 +223,9 @@ def test_export_folds_completely(name, exporter):
 
     result = fold_checked(proto)
 
-    assert len(result.decisions) == n_bn and not result.report.kept, \
-        [(d.name, d.reason, d.detail) for d in result.report.kept]
+    assert len(result.decisions) == n_bn and not result.report.kept, [
+        (d.name, d.reason, d.detail) for d in result.report.kept
+    ]
     assert count_all(result.model, "BatchNormalization") == 0
     directions = {d.direction for d in result.decisions}
     assert ("forward" in directions) == (name in FORWARD)
@@ -189,4 +235,6 @@ def test_export_folds_completely(name, exporter):
     assert_close(got, want_out)
     with torch.no_grad():
         reference = model(*inputs).numpy()
-    np.testing.assert_allclose(got[0], reference, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(reference).max())))
+    np.testing.assert_allclose(
+        got[0], reference, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(reference).max()))
+    )

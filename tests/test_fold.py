@@ -60,11 +60,14 @@ def node_attrs(node: onnx.NodeProto) -> dict:
 
 def conv_bn_model(*, opset_header: str = H17, bn_attrs: str = "", params=None) -> onnx.ModelProto:
     """X [2,4,5,5] → Conv(3x3, pad 1, 6 channels) → BatchNormalization → Y: the generic case."""
-    return model_from_text(f"""{opset_header}
+    return model_from_text(
+        f"""{opset_header}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = BatchNormalization {bn_attrs} (c, scale, B, mean, var)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **(bn_params(6) if params is None else params)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **(bn_params(6) if params is None else params)},
+    )
 
 
 # ============================================================================================ Conv
@@ -82,11 +85,14 @@ def test_conv(rank, groups, bias):
     inits = {"W": randn(cout, cin // group, *(3,) * rank, seed=1), **params}
     if bias:
         inits["b"] = randn(cout, seed=2)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,{cin},{dims(*spatial)}] X) => (float[2,{cout},{dims(*spatial)}] Y) {{
             c = Conv <group = {group}, pads = {[1] * 2 * rank}> (X, W{", b" if bias else ""})
             Y = {BN}
-        }}""", inits)
+        }}""",
+        inits,
+    )
 
     result = assert_folds(model, 1)
 
@@ -95,7 +101,9 @@ def test_conv(rank, groups, bias):
     assert node_attrs(conv) == {"group": group, "pads": [1] * 2 * rank}
     s, t = scale_shift(params)
     b = inits["b"].astype(np.float64) if bias else 0.0
-    np.testing.assert_array_equal(const_values(result.model)[conv.input[2]], (b * s + t).astype(np.float32))
+    np.testing.assert_array_equal(
+        const_values(result.model)[conv.input[2]], (b * s + t).astype(np.float32)
+    )
 
 
 # =================================================================================== ConvTranspose
@@ -109,11 +117,14 @@ def test_conv_transpose(rank, group, bias):
     inits = {"W": randn(cin, cout // group, *(3,) * rank, seed=1), **bn_params(cout)}
     if bias:
         inits["b"] = randn(cout, seed=2)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,{cin},{dims(*spatial_in)}] X) => (float[2,{cout},{dims(*spatial_out)}] Y) {{
             c = ConvTranspose <group = {group}, strides = {[2] * rank}> (X, W{", b" if bias else ""})
             Y = {BN}
-        }}""", inits)
+        }}""",
+        inits,
+    )
 
     result = assert_folds(model, 1)
 
@@ -130,7 +141,9 @@ C_SHAPES = {"no_C": None, "C[N]": (N,), "C[1,N]": (1, N), "C[M,N]": (M, N)}
 
 
 @pytest.mark.parametrize("c_shape", list(C_SHAPES))
-@pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (0.5, -1.5)], ids=["alpha1_beta1", "alpha0.5_beta-1.5"])
+@pytest.mark.parametrize(
+    "alpha, beta", [(1.0, 1.0), (0.5, -1.5)], ids=["alpha1_beta1", "alpha0.5_beta-1.5"]
+)
 @pytest.mark.parametrize("trans_b", [0, 1], ids=["transB0", "transB1"])
 @pytest.mark.parametrize("trans_a", [0, 1], ids=["transA0", "transA1"])
 def test_gemm(trans_a, trans_b, alpha, beta, c_shape):
@@ -138,19 +151,26 @@ def test_gemm(trans_a, trans_b, alpha, beta, c_shape):
     inits = {"Bw": randn(*((N, K) if trans_b else (K, N)), seed=1), **bn_params(N)}
     if C_SHAPES[c_shape] is not None:
         inits["C"] = randn(*C_SHAPES[c_shape], seed=2)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[{dims(*a_shape)}] A) => (float[{M},{N}] Y) {{
             c = Gemm <transA = {trans_a}, transB = {trans_b}, alpha = {alpha!r}, beta = {beta!r}>
                      (A, Bw{", C" if "C" in inits else ""})
             Y = {BN}
-        }}""", inits)
+        }}""",
+        inits,
+    )
 
     result = assert_folds(model, 1)
 
     (gemm,) = result.model.graph.node
     attrs = node_attrs(gemm)
     assert attrs.get("beta", 1.0) == 1.0, "C absorbs beta"
-    assert attrs.get("alpha", 1.0) == alpha and attrs["transA"] == trans_a and attrs["transB"] == trans_b
+    assert (
+        attrs.get("alpha", 1.0) == alpha
+        and attrs["transA"] == trans_a
+        and attrs["transB"] == trans_b
+    )
     new_c = const_values(result.model)[gemm.input[2]]
     assert new_c.shape == (C_SHAPES[c_shape] or (N,))
 
@@ -158,11 +178,14 @@ def test_gemm(trans_a, trans_b, alpha, beta, c_shape):
 # ========================================================================================== MatMul
 def test_matmul_without_add_gets_one():
     params = bn_params(4)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[3,5] X) => (float[3,4] Y) {{
             c = MatMul (X, W)
             Y = {BN}
-        }}""", {"W": randn(5, 4, seed=1), **params})
+        }}""",
+        {"W": randn(5, 4, seed=1), **params},
+    )
 
     result = assert_folds(model, 1)
 
@@ -177,12 +200,15 @@ def test_matmul_without_add_gets_one():
 @pytest.mark.parametrize("bias_shape", [(4,), (1, 4)], ids=["b[N]", "b[1,N]"])
 def test_matmul_add(bias_shape, bias_first):
     add_inputs = "bias, m" if bias_first else "m, bias"
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[3,5] X) => (float[3,4] Y) {{
             m = MatMul (X, W)
             c = Add ({add_inputs})
             Y = {BN}
-        }}""", {"W": randn(5, 4, seed=1), "bias": randn(*bias_shape, seed=2), **bn_params(4)})
+        }}""",
+        {"W": randn(5, 4, seed=1), "bias": randn(*bias_shape, seed=2), **bn_params(4)},
+    )
 
     result = assert_folds(model, 1)
 
@@ -194,21 +220,27 @@ def test_matmul_add(bias_shape, bias_first):
 
 def test_matmul_rank3_kept():
     # [2, 4, 5] @ [5, 4] → [2, 4, 4]: the BN normalises axis 1, the MatMul's features are on axis 2.
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5] X) => (float[2,4,4] Y) {{
             c = MatMul (X, W)
             Y = {BN}
-        }}""", {"W": randn(5, 4, seed=1), **bn_params(4)})
+        }}""",
+        {"W": randn(5, 4, seed=1), **bn_params(4)},
+    )
     assert_kept(model, SkipReason.UNSUPPORTED_LAYOUT)
 
 
 def test_matmul_constant_first_input_kept():
     # W [4, 5] @ X [5, 3]: the constant's axis 0 is not the output's channel axis 1.
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[5,3] X) => (float[4,3] Y) {{
             c = MatMul (W, X)
             Y = {BN}
-        }}""", {"W": randn(4, 5, seed=1), **bn_params(3)})
+        }}""",
+        {"W": randn(4, 5, seed=1), **bn_params(3)},
+    )
     assert_kept(model, SkipReason.UNSUPPORTED_LAYOUT)
 
 
@@ -247,20 +279,26 @@ def test_missing_epsilon_means_1e_5():
 
 @pytest.mark.parametrize("opset", [14, 15])
 def test_training_mode_kept(opset):
-    model = model_from_text(f"""{header(opset)}
+    model = model_from_text(
+        f"""{header(opset)}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y, running_mean, running_var = BatchNormalization <training_mode = 1> (c, scale, B, mean, var)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
     assert_kept(model, SkipReason.TRAINING_MODE, run=run_reference)
 
 
 def test_stats_outputs_used_kept():
-    model = model_from_text(f"""{header(9)}
+    model = model_from_text(
+        f"""{header(9)}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y, float[6] running_mean) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y, running_mean, running_var, saved_mean, saved_var = BatchNormalization (c, scale, B, mean, var)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
     assert_kept(model, SkipReason.STATS_OUTPUTS_USED, run=None)
 
 
@@ -269,14 +307,19 @@ def test_opset15_mixed_dtypes_fold():
     params = bn_params(6)
     inits = {
         "W": randn(6, 4, 1, 1, dtype=np.float16, seed=1),
-        "scale": params["scale"], "B": params["B"],
-        "mean": params["mean"].astype(np.float16), "var": params["var"].astype(np.float16),
+        "scale": params["scale"],
+        "B": params["B"],
+        "mean": params["mean"].astype(np.float16),
+        "var": params["var"].astype(np.float16),
     }
-    model = model_from_text(f"""{header(15)}
+    model = model_from_text(
+        f"""{header(15)}
         g (float16[2,4,5,5] X) => (float16[2,6,5,5] Y) {{
             c = Conv (X, W)
             Y = {BN}
-        }}""", inits)
+        }}""",
+        inits,
+    )
     feeds = random_feeds(model)
 
     result = assert_folds(model, 1, feeds=feeds)
@@ -288,15 +331,20 @@ def test_opset15_mixed_dtypes_fold():
     want = y * s[None, :, None, None] + t[None, :, None, None]
     (got,) = run_ort(result.model, feeds)
     assert got.dtype == np.float16
-    np.testing.assert_allclose(got.astype(np.float64), want, rtol=5e-3, atol=5e-3 * np.abs(want).max())
+    np.testing.assert_allclose(
+        got.astype(np.float64), want, rtol=5e-3, atol=5e-3 * np.abs(want).max()
+    )
 
 
 def _spatial0_model(params):
-    return model_from_text(f"""{header(7)}
+    return model_from_text(
+        f"""{header(7)}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = BatchNormalization <spatial = 0> (c, scale, B, mean, var)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **params})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **params},
+    )
 
 
 def test_spatial0_per_element_stats_kept():
@@ -304,7 +352,9 @@ def test_spatial0_per_element_stats_kept():
 
 
 def test_spatial0_constant_per_channel_folds():
-    params = {k: np.broadcast_to(v[:, None, None], (6, 5, 5)).copy() for k, v in bn_params(6).items()}
+    params = {
+        k: np.broadcast_to(v[:, None, None], (6, 5, 5)).copy() for k, v in bn_params(6).items()
+    }
     assert_folds(_spatial0_model(params), 1)
 
 
@@ -329,7 +379,8 @@ def test_constant_nodes():
 
 
 def test_constant_of_shape():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             W = ConstantOfShape <value = float[1] {{0.25}}> (w_shape)
             scale = ConstantOfShape <value = float[1] {{-1.5}}> (c_shape)
@@ -338,16 +389,21 @@ def test_constant_of_shape():
             var = ConstantOfShape <value = float[1] {{0.3}}> (c_shape)
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = {BN}
-        }}""", {"w_shape": np.array([6, 4, 3, 3], np.int64), "c_shape": np.array([6], np.int64)})
+        }}""",
+        {"w_shape": np.array([6, 4, 3, 3], np.int64), "c_shape": np.array([6], np.int64)},
+    )
 
     result = assert_folds(model, 1)
 
     assert [n.op_type for n in result.model.graph.node] == ["Conv"]
-    assert {i.name for i in result.model.graph.initializer} == set(result.model.graph.node[0].input[1:])
+    assert {i.name for i in result.model.graph.initializer} == set(
+        result.model.graph.node[0].input[1:]
+    )
 
 
 def test_constants_behind_identity():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             Wi = Identity (W)
             scale_i = Identity (scale)
@@ -355,7 +411,9 @@ def test_constants_behind_identity():
             var_ii = Identity (var_i)
             c = Conv <pads = [1, 1, 1, 1]> (X, Wi)
             Y = BatchNormalization (c, scale_i, B, mean, var_ii)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
 
     result = assert_folds(model, 1)
 
@@ -363,21 +421,27 @@ def test_constants_behind_identity():
 
 
 def test_non_constant_param_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X, float[6] mean) => (float[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = {BN}
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
     del model.graph.initializer[[i.name for i in model.graph.initializer].index("mean")]
     assert_kept(model, SkipReason.NON_CONSTANT_PARAMS)
 
 
 def test_non_constant_weight_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X, float[6,4,3,3] W) => (float[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = {BN}
-        }}""", bn_params(6))
+        }}""",
+        bn_params(6),
+    )
     assert_kept(model, SkipReason.NON_CONSTANT_WEIGHT)
 
 
@@ -391,13 +455,18 @@ def test_ir3_initializers_listed_as_inputs():
     folded = result.model
     inputs = [i.name for i in folded.graph.input]
     assert inputs[0] == "X"
-    assert set(inputs[1:]) == {i.name for i in folded.graph.initializer} == set(folded.graph.node[0].input[1:])
+    assert (
+        set(inputs[1:])
+        == {i.name for i in folded.graph.initializer}
+        == set(folded.graph.node[0].input[1:])
+    )
     assert not {"scale", "B", "mean", "var"} & set(inputs), "removed BN parameters leave the inputs"
     assert folded.ir_version == 3
 
 
-@pytest.mark.parametrize("name, reason", [("var", SkipReason.OVERRIDABLE_PARAMS),
-                                          ("W", SkipReason.OVERRIDABLE_WEIGHT)])
+@pytest.mark.parametrize(
+    "name, reason", [("var", SkipReason.OVERRIDABLE_PARAMS), ("W", SkipReason.OVERRIDABLE_WEIGHT)]
+)
 def test_ir4_initializer_that_is_an_input_kept(name, reason):
     model = conv_bn_model()
     init = next(i for i in model.graph.initializer if i.name == name)
@@ -408,12 +477,15 @@ def test_ir4_initializer_that_is_an_input_kept(name, reason):
 # ============================================================================== sharing and outputs
 def test_shared_weight_gets_private_copy():
     w = randn(6, 4, 3, 3, seed=1)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y, float[2,6,5,5] Z) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = {BN}
             Z = Conv <pads = [1, 1, 1, 1]> (X, W)
-        }}""", {"W": w, **bn_params(6)})
+        }}""",
+        {"W": w, **bn_params(6)},
+    )
 
     result = assert_folds(model, 1)
 
@@ -426,22 +498,28 @@ def test_shared_weight_gets_private_copy():
 @pytest.mark.parametrize("where", ["another_node", "graph_output"])
 def test_producer_output_shared_kept(where):
     outputs = "float[2,6,5,5] Y, float[2,6,5,5] " + ("Z" if where == "another_node" else "c")
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => ({outputs}) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = {BN}
             {"Z = Relu (c)" if where == "another_node" else ""}
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
     assert_kept(model, SkipReason.PRODUCER_OUTPUT_SHARED)
 
 
 def test_bn_output_that_is_a_graph_output_keeps_its_name_type_and_shape():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y, float[2,6,5,5] Z) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = {BN}
             Z = Relu (Y)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
 
     result = assert_folds(model, 1)
 
@@ -453,12 +531,15 @@ def test_bn_output_that_is_a_graph_output_keeps_its_name_type_and_shape():
 def test_conv_bn_bn_chain_rounds_once():
     p1, p2 = bn_params(6, seed=1), bn_params(6, seed=2, prefix="bn2_")
     w = randn(6, 4, 3, 3, seed=1)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             y1 = {BN}
             Y = BatchNormalization (y1, bn2_scale, bn2_B, bn2_mean, bn2_var)
-        }}""", {"W": w, **p1, **p2})
+        }}""",
+        {"W": w, **p1, **p2},
+    )
 
     result = assert_folds(model, 2)
 
@@ -476,18 +557,30 @@ def test_conv_bn_bn_chain_rounds_once():
 def _dtype_model(op: str, type_name: str, np_dtype, opset_header: str = H17) -> onnx.ModelProto:
     params = bn_params(4, np_dtype)
     if op == "Conv":
-        return model_from_text(f"""{opset_header}
+        return model_from_text(
+            f"""{opset_header}
             g ({type_name}[2,3,5,5] X) => ({type_name}[2,4,5,5] Y) {{
                 c = Conv <pads = [1, 1, 1, 1]> (X, W, b)
                 Y = {BN}
-            }}""", {"W": randn(4, 3, 3, 3, dtype=np_dtype, seed=1), "b": randn(4, dtype=np_dtype, seed=2), **params})
+            }}""",
+            {
+                "W": randn(4, 3, 3, 3, dtype=np_dtype, seed=1),
+                "b": randn(4, dtype=np_dtype, seed=2),
+                **params,
+            },
+        )
     line = "c = Gemm <transB = 1> (X, W, b)" if op == "Gemm" else "c = MatMul (X, W)"
     w = randn(4, 5, dtype=np_dtype, seed=1) if op == "Gemm" else randn(5, 4, dtype=np_dtype, seed=1)
-    return model_from_text(f"""{opset_header}
+    return model_from_text(
+        f"""{opset_header}
         g ({type_name}[3,5] X) => ({type_name}[3,4] Y) {{
             {line}
             Y = {BN}
-        }}""", {"W": w, "b": randn(4, dtype=np_dtype, seed=2), **params} if op == "Gemm" else {"W": w, **params})
+        }}""",
+        {"W": w, "b": randn(4, dtype=np_dtype, seed=2), **params}
+        if op == "Gemm"
+        else {"W": w, **params},
+    )
 
 
 @pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
@@ -497,7 +590,9 @@ def test_float16_and_float64(op, type_name, np_dtype):
     # ONNX Runtime's CPU provider has no float64 Conv; onnx's reference evaluator does.
     run = run_reference if (op, np_dtype) == ("Conv", np.float64) else run_ort
     result = assert_folds(model, 1, run=run)
-    folded_w = next(i for i in result.model.graph.initializer if i.name == result.model.graph.node[0].input[1])
+    folded_w = next(
+        i for i in result.model.graph.initializer if i.name == result.model.graph.node[0].input[1]
+    )
     assert folded_w.data_type == model.graph.initializer[0].data_type
 
 
@@ -507,7 +602,9 @@ def _as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     for init in m.graph.initializer:
         if init.data_type == onnx.TensorProto.BFLOAT16:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name)
+            )
     for vi in list(m.graph.input) + list(m.graph.output):
         vi.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
     return m
@@ -517,7 +614,9 @@ def _as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_bfloat16(op):
     # ONNX Runtime's CPU provider has no bfloat16 Conv/Gemm/MatMul: check the folded weights against
     # float64 math rounded once, and the folded model (widened exactly to float64) numerically.
-    model = _dtype_model(op, "bfloat16", ml_dtypes.bfloat16, header(LATEST))  # bf16 Conv: opset ≥ 22
+    model = _dtype_model(
+        op, "bfloat16", ml_dtypes.bfloat16, header(LATEST)
+    )  # bf16 Conv: opset ≥ 22
     onnx.checker.check_model(model, full_check=True)
     result = assert_folds(model, 1, run=None)
     onnx.checker.check_model(result.model, full_check=True)
@@ -527,17 +626,28 @@ def test_bfloat16(op):
     s, t = scale_shift(params)
     producer = result.model.graph.node[0]
     w64 = values["W"].astype(np.float64)
-    want_w = w64 * (s[:, None] if op == "Gemm" else s[None, :]) if op != "Conv" else w64 * s[:, None, None, None]
+    want_w = (
+        w64 * (s[:, None] if op == "Gemm" else s[None, :])
+        if op != "Conv"
+        else w64 * s[:, None, None, None]
+    )
     got_w = folded_values[producer.input[1]]
     assert got_w.dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(got_w.view(np.uint16), round_exact(want_w, ml_dtypes.bfloat16).view(np.uint16))
+    np.testing.assert_array_equal(
+        got_w.view(np.uint16), round_exact(want_w, ml_dtypes.bfloat16).view(np.uint16)
+    )
     bias_name = producer.input[2] if op != "MatMul" else result.model.graph.node[1].input[1]
     want_b = (values["b"].astype(np.float64) * s + t) if op != "MatMul" else t
-    np.testing.assert_array_equal(folded_values[bias_name].view(np.uint16), round_exact(want_b, ml_dtypes.bfloat16).view(np.uint16))
+    np.testing.assert_array_equal(
+        folded_values[bias_name].view(np.uint16),
+        round_exact(want_b, ml_dtypes.bfloat16).view(np.uint16),
+    )
 
     wide, wide_folded = _as_float64(model), _as_float64(result.model)
     feeds = random_feeds(wide)
-    assert_close(run_reference(wide_folded, feeds), run_reference(wide, feeds), rtol=2e-2, atol=2e-2)
+    assert_close(
+        run_reference(wide_folded, feeds), run_reference(wide, feeds), rtol=2e-2, atol=2e-2
+    )
 
 
 # ======================================================================================== refusals
@@ -549,16 +659,25 @@ def _with(params, name, index, value):
 
 @pytest.mark.parametrize("name", ["scale", "B", "mean", "var"])
 def test_nan_param_kept(name):
-    assert_kept(conv_bn_model(params=_with(bn_params(6), name, 2, np.nan)), SkipReason.INVALID_PARAMS)
+    assert_kept(
+        conv_bn_model(params=_with(bn_params(6), name, 2, np.nan)), SkipReason.INVALID_PARAMS
+    )
 
 
 def test_var_plus_epsilon_not_positive_kept():
-    assert_kept(conv_bn_model(params=_with(bn_params(6), "var", 1, -0.5)), SkipReason.INVALID_PARAMS)
+    assert_kept(
+        conv_bn_model(params=_with(bn_params(6), "var", 1, -0.5)), SkipReason.INVALID_PARAMS
+    )
 
 
 OVERFLOW_CASES = {  # op: (X type, Y type, producer line, weight shape); 4 output channels each
     "Conv": ("[2,3,5,5]", "[2,4,5,5]", "c = Conv <pads = [1, 1, 1, 1]> (X, W)", (4, 3, 3, 3)),
-    "ConvTranspose": ("[2,4,3,3]", "[2,4,5,5]", "c = ConvTranspose <group = 2> (X, W)", (4, 2, 3, 3)),
+    "ConvTranspose": (
+        "[2,4,3,3]",
+        "[2,4,5,5]",
+        "c = ConvTranspose <group = 2> (X, W)",
+        (4, 2, 3, 3),
+    ),
     "Gemm": ("[3,5]", "[3,4]", "c = Gemm (X, W)", (5, 4)),
     "Gemm_transB": ("[3,5]", "[3,4]", "c = Gemm <transB = 1> (X, W)", (4, 5)),
     "MatMul": ("[3,5]", "[3,4]", "c = MatMul (X, W)", (5, 4)),
@@ -568,12 +687,17 @@ OVERFLOW_CASES = {  # op: (X type, Y type, producer line, weight shape); 4 outpu
 @pytest.mark.parametrize("op", list(OVERFLOW_CASES))
 def test_float16_overflow_kept(op):
     x_shape, y_shape, line, w_shape = OVERFLOW_CASES[op]
-    params = _with(_with(_with(bn_params(4, np.float16), "scale", 0, 30000.0), "var", 0, 0.0), "mean", 0, 0.0)  # s ≈ 9.5e6
-    model = model_from_text(f"""{H17}
+    params = _with(
+        _with(_with(bn_params(4, np.float16), "scale", 0, 30000.0), "var", 0, 0.0), "mean", 0, 0.0
+    )  # s ≈ 9.5e6
+    model = model_from_text(
+        f"""{H17}
         g (float16{x_shape} X) => (float16{y_shape} Y) {{
             {line}
             Y = {BN}
-        }}""", {"W": randn(*w_shape, dtype=np.float16, seed=1), **params})
+        }}""",
+        {"W": randn(*w_shape, dtype=np.float16, seed=1), **params},
+    )
     result = assert_kept(model, SkipReason.OVERFLOW)
     assert "float16" in result.decisions[0].detail
 
@@ -591,20 +715,26 @@ def test_channel_count_mismatch_kept():
 
 
 def test_bn_after_relu_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             r = Conv <pads = [1, 1, 1, 1]> (X, W)
             c = Relu (r)
             Y = {BN}
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
     assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER)
 
 
 def test_bn_on_graph_input_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,6,5,5] c) => (float[2,6,5,5] Y) {{
             Y = {BN}
-        }}""", bn_params(6))
+        }}""",
+        bn_params(6),
+    )
     assert_kept(model, SkipReason.NO_PRODUCER)
 
 
@@ -632,7 +762,8 @@ def test_bn_in_if_branch_kept():
 
 
 def test_bn_in_function_kept():
-    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {
             Y = local.ConvBN (X, W, scale, B, mean, var)
         }
@@ -640,14 +771,17 @@ def test_bn_in_function_kept():
         ConvBN (x, w, s, b, m, v) => (y) {
             c = Conv (x, w)
             y = BatchNormalization (c, s, b, m, v)
-        }""", {"W": randn(6, 4, 1, 1, seed=1), **bn_params(6)})
+        }""",
+        {"W": randn(6, 4, 1, 1, seed=1), **bn_params(6)},
+    )
     result = assert_kept(model, SkipReason.IN_SUBGRAPH)
     assert "ConvBN" in result.decisions[0].detail
 
 
 # ================================================================================ decisions, the pass
 def test_every_bn_has_exactly_one_decision():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (bool cond, float[2,4,5,5] X) => (float[2,6,5,5] Y, float[2,4,5,5] Z, float[2,6,5,5] V) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             [bn_folded] y1 = {BN}
@@ -662,8 +796,9 @@ def test_every_bn_has_exactly_one_decision():
                     e = Conv <pads = [1, 1, 1, 1]> (X, W)
                 }}
             >
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6),
-                **bn_params(4, seed=3, prefix="in_")})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6), **bn_params(4, seed=3, prefix="in_")},
+    )
 
     result = assert_folds(model, 1)
 
@@ -691,7 +826,9 @@ def test_pass_runs_on_its_own():
 
 
 def test_pass_reports_unmodified_when_everything_is_kept():
-    ir_model = ir.serde.deserialize_model(conv_bn_model(params=_with(bn_params(6), "mean", 0, np.inf)))
+    ir_model = ir.serde.deserialize_model(
+        conv_bn_model(params=_with(bn_params(6), "mean", 0, np.inf))
+    )
     fold_pass = BatchNormFoldPass()
     result = fold_pass(ir_model)
     assert result.modified is False
@@ -709,11 +846,14 @@ def test_half_precision_bn_with_a_large_mean_is_kept(dtype):
     params = {k: v.astype(dtype) for k, v in params.items()}
     opset = 17 if dtype == np.float16 else 22
     elem = "float16" if dtype == np.float16 else "bfloat16"
-    model = model_from_text(f"""<ir_version: 10, opset_import: ["" : {opset}]>
+    model = model_from_text(
+        f"""<ir_version: 10, opset_import: ["" : {opset}]>
         g ({elem}[2,4,5,5] X) => ({elem}[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = {BN}
-        }}""", {"W": randn(6, 4, 3, 3, dtype=dtype, seed=1), **params})
+        }}""",
+        {"W": randn(6, 4, 3, 3, dtype=dtype, seed=1), **params},
+    )
     result = assert_kept(model, SkipReason.PRECISION_LOSS, run=None)
     assert "|mean|/std = 50" in result.decisions[0].detail
 
@@ -727,10 +867,13 @@ def test_float32_bn_with_a_large_mean_still_folds():
 
 def test_conv_bias_of_the_wrong_shape_is_kept_not_a_crash():
     """A corrupt model (bias [3] on a 6-channel Conv): the pass must keep the BN, not raise."""
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             c = Conv <pads = [1, 1, 1, 1]> (X, W, Bc)
             Y = {BN}
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), "Bc": randn(3, seed=2), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), "Bc": randn(3, seed=2), **bn_params(6)},
+    )
     result = assert_kept(model, SkipReason.SHAPE_MISMATCH, run=None, check=False)
     assert "bias has shape [3]" in result.decisions[0].detail

@@ -38,7 +38,9 @@ def conv_of(result, index: int = 0) -> onnx.NodeProto:
 
 # ============================================================================== into Conv, no padding
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("cin, cout, group", [(4, 6, 1), (4, 6, 2), (4, 4, 4)], ids=["group1", "group2", "depthwise"])
+@pytest.mark.parametrize(
+    "cin, cout, group", [(4, 6, 1), (4, 6, 2), (4, 4, 4)], ids=["group1", "group2", "depthwise"]
+)
 @pytest.mark.parametrize("spatial", [(7,), (5, 6), (4, 4, 3)], ids=["1d", "2d", "3d"])
 def test_into_unpadded_conv(spatial, cin, cout, group, bias):
     rank = len(spatial)
@@ -46,17 +48,22 @@ def test_into_unpadded_conv(spatial, cin, cout, group, bias):
     if bias:
         inits["b"] = randn(cout, seed=2)
     out = tuple(d - 2 for d in spatial)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,{cin},{dims(*spatial)}] x) => (float[2,{cout},{dims(*out)}] Y) {{
             {BN}
             Y = Conv <group = {group}> (y, W{", b" if bias else ""})
-        }}""", inits)
+        }}""",
+        inits,
+    )
 
     result = assert_folded(model, "forward")
 
     assert ops(result.model) == ["Conv"]
     conv = conv_of(result)
-    assert conv.input[0] == "x" and len(conv.input) == 3, "the Conv reads the BN's input; a bias is created"
+    assert conv.input[0] == "x" and len(conv.input) == 3, (
+        "the Conv reads the BN's input; a bias is created"
+    )
     (d,) = result.decisions
     assert d.target_op == "Conv" and "input channels" in d.detail
     assert not np.array_equal(const_values(result.model)[conv.input[1]], inits["W"])
@@ -77,17 +84,22 @@ PADDED = {
 @pytest.mark.parametrize("attrs", list(PADDED))
 def test_into_padded_conv_compensates_the_border(attrs):
     group = 2 if "group" in PADDED[attrs] else 1
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,7,6] x) => (float[2,6,H,W] Y) {{
             {BN}
             Y = Conv <{PADDED[attrs]}> (y, W, b)
-        }}""", {"W": randn(6, 4 // group, 3, 3, seed=1), "b": randn(6, seed=2), **bn_params(4)})
+        }}""",
+        {"W": randn(6, 4 // group, 3, 3, seed=1), "b": randn(6, seed=2), **bn_params(4)},
+    )
 
     result = assert_folded(model, "forward")
 
     assert ops(result.model) == ["Conv", "Add"]
     conv, add = result.model.graph.node
-    assert add.input[0] == conv.output[0] and add.output[0] == "Y", "the graph output keeps its name"
+    assert add.input[0] == conv.output[0] and add.output[0] == "Y", (
+        "the graph output keeps its name"
+    )
     (y,) = onnx.shape_inference.infer_shapes(model).graph.output
     want = (1, 6) + tuple(d.dim_value for d in y.type.tensor_type.shape.dim[2:])
     correction = const_values(result.model)[add.input[1]]
@@ -99,11 +111,14 @@ def test_padded_conv_with_zero_shift_needs_no_correction():
     params = bn_params(4)
     params["B"][:] = 0
     params["mean"][:] = 0  # t = β − μ·s = 0: the padded zeros stay zeros
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] x) => (float[2,6,5,5] Y) {{
             {BN}
             Y = Conv <pads = [1, 1, 1, 1]> (y, W)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **params})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **params},
+    )
 
     result = assert_folded(model, "forward")
 
@@ -111,22 +126,28 @@ def test_padded_conv_with_zero_shift_needs_no_correction():
 
 
 def test_padded_conv_with_unknown_spatial_size_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[N,4,H,W] x) => (float[N,6,H,W] Y) {{
             {BN}
             Y = Conv <pads = [1, 1, 1, 1]> (y, W)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(4)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(4)},
+    )
     result = assert_kept(model, SkipReason.PADDED_CONSUMER)
     assert "not static" in result.decisions[0].detail
 
 
 def test_padded_conv_correction_too_large_kept(monkeypatch):
     monkeypatch.setattr(passes, "MAX_BORDER_CORRECTION", 100)  # 6 x 5 x 5 = 150 values needed
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] x) => (float[2,6,5,5] Y) {{
             {BN}
             Y = Conv <pads = [1, 1, 1, 1]> (y, W)
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(4)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(4)},
+    )
     result = assert_kept(model, SkipReason.PADDED_CONSUMER)
     assert "150" in result.decisions[0].detail
 
@@ -143,8 +164,13 @@ KERAS = f"""{H17}
 
 
 def keras_inits(params):
-    return {"W1": randn(4, 3, 3, 3, seed=1), "b1": randn(4, seed=2), "W2": randn(8, 4, 3, 3, seed=3),
-            "b2": randn(8, seed=4), **params}
+    return {
+        "W1": randn(4, 3, 3, 3, seed=1),
+        "b1": randn(4, seed=2),
+        "W2": randn(8, 4, 3, 3, seed=3),
+        "b2": randn(8, seed=4),
+        **params,
+    }
 
 
 def test_keras_style_through_maxpool():
@@ -166,42 +192,55 @@ def test_negative_scale_does_not_pass_maxpool():
 
 
 def test_maxpool_with_padding_and_ceil_mode():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,7,7] X) => (float[2,6,4,4] Y) {{
             x = Relu (X)
             {BN}
             p = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1], ceil_mode = 1> (y)
             Y = Conv (p, W)
-        }}""", {"W": randn(6, 4, 1, 1, seed=1), **positive(bn_params(4))})
+        }}""",
+        {"W": randn(6, 4, 1, 1, seed=1), **positive(bn_params(4))},
+    )
     assert_folded(model, "forward")
 
 
 def test_maxpool_indices_used_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,6,6] X) => (float[2,6,3,3] Y, int64[2,4,3,3] I) {{
             x = Relu (X)
             {BN}
             p, I = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (y)
             Y = Conv (p, W)
-        }}""", {"W": randn(6, 4, 1, 1, seed=1), **positive(bn_params(4))})
+        }}""",
+        {"W": randn(6, 4, 1, 1, seed=1), **positive(bn_params(4))},
+    )
     assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER)
 
 
-@pytest.mark.parametrize("pool, folds", [
-    ("AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1], count_include_pad = 0>", True),
-    ("AveragePool <kernel_shape = [3, 3], count_include_pad = 1>", True),
-    ("AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1], count_include_pad = 1>", False),
-    ("GlobalAveragePool", True),
-], ids=["avg_pad_not_counted", "avg_unpadded", "avg_pad_counted", "global_avg"])
+@pytest.mark.parametrize(
+    "pool, folds",
+    [
+        ("AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1], count_include_pad = 0>", True),
+        ("AveragePool <kernel_shape = [3, 3], count_include_pad = 1>", True),
+        ("AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1], count_include_pad = 1>", False),
+        ("GlobalAveragePool", True),
+    ],
+    ids=["avg_pad_not_counted", "avg_unpadded", "avg_pad_counted", "global_avg"],
+)
 def test_through_average_pool(pool, folds):
     out = "1,1" if pool == "GlobalAveragePool" else ("6,6" if "pads" in pool else "4,4")
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,6,6] X) => (float[2,5,{out}] Y) {{
             x = Relu (X)
             {BN}
             p = {pool} (y)
             Y = Conv (p, W, b)
-        }}""", {"W": randn(5, 4, 1, 1, seed=1), "b": randn(5, seed=2), **bn_params(4)})
+        }}""",
+        {"W": randn(5, 4, 1, 1, seed=1), "b": randn(5, seed=2), **bn_params(4)},
+    )
     if folds:
         result = assert_folded(model, "forward")
         assert ops(result.model) == ["Relu", pool.split()[0], "Conv"]
@@ -210,38 +249,51 @@ def test_through_average_pool(pool, folds):
 
 
 def test_through_identity_and_inference_dropout():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             x = Relu (X)
             {BN}
             i = Identity (y)
             d = Dropout <seed = 1> (i, ratio)
             Y = Conv (d, W)
-        }}""", {"W": randn(6, 4, 1, 1, seed=1), "ratio": np.array(0.5, np.float32), **bn_params(4)})
+        }}""",
+        {"W": randn(6, 4, 1, 1, seed=1), "ratio": np.array(0.5, np.float32), **bn_params(4)},
+    )
     assert_folded(model, "forward")
 
 
 def test_training_dropout_is_not_passed():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             x = Relu (X)
             {BN}
             d = Dropout <seed = 1> (y, ratio, training)
             Y = Conv (d, W)
-        }}""", {"W": randn(6, 4, 1, 1, seed=1), "ratio": np.array(0.5, np.float32),
-                "training": np.array(True), **bn_params(4)})
+        }}""",
+        {
+            "W": randn(6, 4, 1, 1, seed=1),
+            "ratio": np.array(0.5, np.float32),
+            "training": np.array(True),
+            **bn_params(4),
+        },
+    )
     result = assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER, run=None)
     assert "training mode" in result.decisions[0].detail
 
 
 def test_relu_does_not_commute():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             x = Relu (X)
             {BN}
             r = Relu (y)
             Y = Conv (r, W)
-        }}""", {"W": randn(6, 4, 1, 1, seed=1), **positive(bn_params(4))})
+        }}""",
+        {"W": randn(6, 4, 1, 1, seed=1), **positive(bn_params(4))},
+    )
     result = assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER)
     assert "feeds Relu" in result.decisions[0].detail
 
@@ -268,18 +320,30 @@ def test_1d_cnn_last_bn_into_linear(tail, head):
         "matmul_add": "m = MatMul (f, Wk)\n Y = Add (m, b)",
         "matmul": "Y = MatMul (f, Wk)",
     }[head]
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[N,3,{length}] X) => (float[N,{n_out}] Y) {{
             r = Conv <pads = [1, 1]> (X, W1)
             x = Relu (r)
             {BN}
             {CNN1D_TAIL[tail]}
             {line}
-        }}""", {"W1": randn(c, 3, 3, seed=1), "Wt": randn(n_out, k, seed=2), "Wk": randn(k, n_out, seed=3),
-                "b": randn(n_out, seed=4), "shape0": np.array([0, -1], np.int64),
-                "shape1": np.array([-1, k], np.int64), "minus1": np.array([-1], np.int64), **positive(bn_params(c))})
+        }}""",
+        {
+            "W1": randn(c, 3, 3, seed=1),
+            "Wt": randn(n_out, k, seed=2),
+            "Wk": randn(k, n_out, seed=3),
+            "b": randn(n_out, seed=4),
+            "shape0": np.array([0, -1], np.int64),
+            "shape1": np.array([-1, k], np.int64),
+            "minus1": np.array([-1], np.int64),
+            **positive(bn_params(c)),
+        },
+    )
     if tail == "reshape_computed":  # exporters annotate it (shape inference cannot: N is symbolic)
-        model.graph.value_info.append(onnx.helper.make_tensor_value_info("f", onnx.TensorProto.FLOAT, ["N", k]))
+        model.graph.value_info.append(
+            onnx.helper.make_tensor_value_info("f", onnx.TensorProto.FLOAT, ["N", k])
+        )
     # the initializers a head does not read would be unused: drop them
     used = {i for node in model.graph.node for i in node.input}
     keep = [i for i in model.graph.initializer if i.name in used]
@@ -294,23 +358,29 @@ def test_1d_cnn_last_bn_into_linear(tail, head):
         assert ops(result.model)[-2:] == ["MatMul", "Add"], "an Add of the shift is created"
     if head == "gemm_alpha_beta":
         gemm = result.model.graph.node[-1]
-        assert {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}.get("beta", 1.0) == 1.0
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}.get(
+            "beta", 1.0
+        ) == 1.0
 
 
 def test_flatten_with_unknown_length_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[N,3,L] X) => (float[N,5] Y) {{
             r = Conv <pads = [1, 1]> (X, W1)
             x = Relu (r)
             {BN}
             f = Flatten (y)
             Y = MatMul (f, W)
-        }}""", {"W1": randn(4, 3, 3, seed=1), "W": randn(24, 5, seed=2), **bn_params(4)})
+        }}""",
+        {"W1": randn(4, 3, 3, seed=1), "W": randn(24, 5, seed=2), **bn_params(4)},
+    )
     assert_kept(model, SkipReason.UNKNOWN_SHAPE, run=None)
 
 
 def test_computed_reshape_of_unknown_output_shape_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[N,4,6] X) => (float[N,5] Y) {{
             x = Relu (X)
             {BN}
@@ -318,36 +388,50 @@ def test_computed_reshape_of_unknown_output_shape_kept():
             s = Concat <axis = 0> (n, minus1)
             f = Reshape (y, s)
             Y = MatMul (f, W)
-        }}""", {"W": randn(24, 5, seed=2), "minus1": np.array([-1], np.int64), **bn_params(4)})
+        }}""",
+        {"W": randn(24, 5, seed=2), "minus1": np.array([-1], np.int64), **bn_params(4)},
+    )
     assert_kept(model, SkipReason.UNKNOWN_SHAPE)
 
 
 def test_reshape_that_is_not_a_flatten_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,6] X) => (float[8,5] Y) {{
             x = Relu (X)
             {BN}
             f = Reshape (y, shape)
             Y = MatMul (f, W)
-        }}""", {"W": randn(6, 5, seed=2), "shape": np.array([8, 6], np.int64), **bn_params(4)})
+        }}""",
+        {"W": randn(6, 5, seed=2), "shape": np.array([8, 6], np.int64), **bn_params(4)},
+    )
     result = assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER)
     assert "Reshape" in result.decisions[0].detail
 
 
-@pytest.mark.parametrize("c_shape", [None, (5,), (1, 5), (3, 5)], ids=["no_C", "C[N]", "C[1,N]", "C[M,N]"])
+@pytest.mark.parametrize(
+    "c_shape", [None, (5,), (1, 5), (3, 5)], ids=["no_C", "C[N]", "C[1,N]", "C[M,N]"]
+)
 @pytest.mark.parametrize("attrs", ["transB = 0", "transB = 1", "alpha = 0.5, beta = -1.5"])
 def test_bn1d_into_gemm(attrs, c_shape):
     trans_b = "transB = 1" in attrs
-    inits = {"W1": randn(6, 4, seed=1), "W2": randn(*((5, 4) if trans_b else (4, 5)), seed=2), **bn_params(4)}
+    inits = {
+        "W1": randn(6, 4, seed=1),
+        "W2": randn(*((5, 4) if trans_b else (4, 5)), seed=2),
+        **bn_params(4),
+    }
     if c_shape:
         inits["C"] = randn(*c_shape, seed=3)
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[3,6] X) => (float[3,5] Y) {{
             h = MatMul (X, W1)
             x = Relu (h)
             {BN}
             Y = Gemm <{attrs}> (y, W2{", C" if c_shape else ""})
-        }}""", inits)
+        }}""",
+        inits,
+    )
 
     result = assert_folded(model, "forward")
 
@@ -357,40 +441,50 @@ def test_bn1d_into_gemm(attrs, c_shape):
 
 
 def test_gemm_trans_a_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[5,3] x) => (float[3,4] Y) {{
             {BN}
             Y = Gemm <transA = 1> (y, W)
-        }}""", {"W": randn(5, 4, seed=1), **bn_params(3)})
+        }}""",
+        {"W": randn(5, 4, seed=1), **bn_params(3)},
+    )
     assert_kept(model, SkipReason.UNSUPPORTED_LAYOUT)
 
 
 # ============================================================================== choices and sharing
 def test_backward_is_preferred():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,3,5,5] Y) {{
             x = Conv (X, W1)
             {BN}
             Y = Conv (y, W2)
-        }}""", {"W1": randn(6, 4, 1, 1, seed=1), "W2": randn(3, 6, 1, 1, seed=2), **bn_params(6)})
+        }}""",
+        {"W1": randn(6, 4, 1, 1, seed=1), "W2": randn(3, 6, 1, 1, seed=2), **bn_params(6)},
+    )
     result = assert_folded(model, "backward")
     assert result.decisions[0].target == "<Conv → x>"
 
 
 def test_forward_when_the_producer_output_is_shared():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,3,5,5] Y, float[2,6,5,5] Z) {{
             x = Conv (X, W1)
             Z = Relu (x)
             {BN}
             Y = Conv (y, W2)
-        }}""", {"W1": randn(6, 4, 1, 1, seed=1), "W2": randn(3, 6, 1, 1, seed=2), **bn_params(6)})
+        }}""",
+        {"W1": randn(6, 4, 1, 1, seed=1), "W2": randn(3, 6, 1, 1, seed=2), **bn_params(6)},
+    )
     result = assert_folded(model, "forward")
     assert result.decisions[0].target == "<Conv → Y>"
 
 
 def test_folds_into_every_consumer():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,6,6] X) => (float[2,3,6,6] A, float[2,5,6,6] Bo, float[2,2,3,3] Co) {{
             x = Relu (X)
             {BN}
@@ -398,8 +492,15 @@ def test_folds_into_every_consumer():
             Bo = Conv <pads = [1, 1, 1, 1]> (y, Wb, bb)
             p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (y)
             Co = Conv (p, Wc)
-        }}""", {"Wa": randn(3, 4, 1, 1, seed=1), "Wb": randn(5, 4, 3, 3, seed=2), "bb": randn(5, seed=3),
-                "Wc": randn(2, 4, 1, 1, seed=4), **positive(bn_params(4))})
+        }}""",
+        {
+            "Wa": randn(3, 4, 1, 1, seed=1),
+            "Wb": randn(5, 4, 3, 3, seed=2),
+            "bb": randn(5, seed=3),
+            "Wc": randn(2, 4, 1, 1, seed=4),
+            **positive(bn_params(4)),
+        },
+    )
 
     result = assert_folded(model, "forward")
 
@@ -409,13 +510,16 @@ def test_folds_into_every_consumer():
 
 
 def test_one_unfoldable_consumer_keeps_the_bn():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,6,6] X) => (float[2,3,6,6] A, float[2,4,6,6] R) {{
             x = Relu (X)
             {BN}
             A = Conv (y, Wa)
             R = Relu (y)
-        }}""", {"Wa": randn(3, 4, 1, 1, seed=1), **bn_params(4)})
+        }}""",
+        {"Wa": randn(3, 4, 1, 1, seed=1), **bn_params(4)},
+    )
     result = assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER)
     assert "Relu" in result.decisions[0].detail
 
@@ -423,23 +527,32 @@ def test_one_unfoldable_consumer_keeps_the_bn():
 def test_float16_overflow_kept():
     params = bn_params(4, np.float16)
     params["scale"][0], params["var"][0], params["mean"][0] = 30000.0, 0.0, 0.0  # s ≈ 9.5e6
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float16[2,4,5,5] x) => (float16[2,6,5,5] Y) {{
             {BN}
             Y = Conv (y, W)
-        }}""", {"W": randn(6, 4, 1, 1, dtype=np.float16, seed=1), **params})
+        }}""",
+        {"W": randn(6, 4, 1, 1, dtype=np.float16, seed=1), **params},
+    )
     result = assert_kept(model, SkipReason.OVERFLOW)
     assert "float16" in result.decisions[0].detail
 
 
 def test_float16_forward_fold():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float16[2,4,5,5] X) => (float16[2,6,5,5] Y) {{
             x = Relu (X)
             {BN}
             Y = Conv <pads = [1, 1, 1, 1]> (y, W, b)
-        }}""", {"W": randn(6, 4, 3, 3, dtype=np.float16, seed=1), "b": randn(6, dtype=np.float16, seed=2),
-                **bn_params(4, np.float16)})
+        }}""",
+        {
+            "W": randn(6, 4, 3, 3, dtype=np.float16, seed=1),
+            "b": randn(6, dtype=np.float16, seed=2),
+            **bn_params(4, np.float16),
+        },
+    )
     assert_folded(model, "forward")
 
 

@@ -23,8 +23,13 @@ from bnfold import numerics
 EXAMPLES = 1200  # about 8 s on 2 cores; benchmarks/fuzz_long.py runs thousands more
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(st.randoms(use_true_random=False))
 def test_fold_is_equivalent_or_kept_with_a_reason(rng):
     case = fm.generate(rng)
@@ -45,7 +50,13 @@ def test_generator_is_reproducible_from_its_seed():
 def test_the_generator_covers_what_the_issue_lists():
     """Over a fixed range of seeds every producer, dtype, placement and extreme statistic occurs,
     and both outcomes (folded, kept) happen."""
-    seen: dict[str, set] = {"op": set(), "dtype": set(), "placement": set(), "stats": set(), "status": set()}
+    seen: dict[str, set] = {
+        "op": set(),
+        "dtype": set(),
+        "placement": set(),
+        "stats": set(),
+        "status": set(),
+    }
     for seed in range(300):
         case = fm.generate(random.Random(seed))
         if case is None:
@@ -60,7 +71,14 @@ def test_the_generator_covers_what_the_issue_lists():
     assert {"Conv", "ConvTranspose", "Gemm", "MatMul"} <= seen["op"]
     assert seen["dtype"] == {"float32", "float16", "bfloat16", "float64"}
     assert {p for p, _ in fm.PLACEMENTS} <= seen["placement"]
-    assert {"tiny_var", "huge_var", "zero_gamma", "negative_gamma", "calibrated", "extreme"} <= seen["stats"]
+    assert {
+        "tiny_var",
+        "huge_var",
+        "zero_gamma",
+        "negative_gamma",
+        "calibrated",
+        "extreme",
+    } <= seen["stats"]
     assert {"folded", "kept"} <= seen["status"]
 
 

@@ -71,17 +71,23 @@ def refused(args: list, folder: Path, text: str) -> str:
     return lines[0]
 
 
-def conv_bn(nodes_extra: list | None = None, *, weight: TensorProto | None = None,
-            opset: int = 17) -> onnx.ModelProto:
+def conv_bn(
+    nodes_extra: list | None = None, *, weight: TensorProto | None = None, opset: int = 17
+) -> onnx.ModelProto:
     """X -> Conv(W) -> BatchNormalization -> Y, with its initializers (W may be replaced)."""
     inits = [weight if weight is not None else numpy_helper.from_array(W, "W")]
     inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in BN.items()]
-    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], name="conv"),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["Y"], name="bn")]
+    nodes = [
+        helper.make_node("Conv", ["X", "W"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["Y"], name="bn"),
+    ]
     graph = helper.make_graph(
-        nodes + (nodes_extra or []), "g",
+        nodes + (nodes_extra or []),
+        "g",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 2, 2])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 2, 2])], inits)
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 2, 2])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -91,11 +97,16 @@ def save(model: onnx.ModelProto | bytes, folder: Path, name: str = "m.onnx") -> 
     return path
 
 
-def external_weight(location: str, *, offset: int = 0, length: int | None = None,
-                    dims: list[int] | None = None) -> TensorProto:
+def external_weight(
+    location: str, *, offset: int = 0, length: int | None = None, dims: list[int] | None = None
+) -> TensorProto:
     t = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=dims or list(W.shape))
     t.data_location = TensorProto.EXTERNAL
-    entries = {"location": location, "offset": str(offset), "length": str(W.nbytes if length is None else length)}
+    entries = {
+        "location": location,
+        "offset": str(offset),
+        "length": str(W.nbytes if length is None else length),
+    }
     for k, v in entries.items():
         t.external_data.add(key=k, value=v)
     return t
@@ -155,11 +166,26 @@ def _ext_case(folder: Path, case: str) -> tuple[Path, str]:
     return save(conv_bn(weight=weight), folder), expect
 
 
-@pytest.mark.parametrize("case", [
-    "dotdot", "deep-dotdot", "absolute", "symlink-file", "symlink-folder", "missing", "offset-past-end",
-    "length-past-end", "huge-offset", "length-short", "absurd-dims", "not-a-file", "nul-byte",
-    "hard-link", "no-location",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dotdot",
+        "deep-dotdot",
+        "absolute",
+        "symlink-file",
+        "symlink-folder",
+        "missing",
+        "offset-past-end",
+        "length-past-end",
+        "huge-offset",
+        "length-short",
+        "absurd-dims",
+        "not-a-file",
+        "nul-byte",
+        "hard-link",
+        "no-location",
+    ],
+)
 def test_hostile_external_data(folder, case):
     path, expect = _ext_case(folder, case)
     refused(["fold", path, "-o", folder / "out.onnx"], folder.parent, expect)
@@ -190,25 +216,39 @@ def _field(number: int, payload: bytes) -> bytes:
 def nested_if_model(depth: int) -> bytes:
     """A model whose If nodes nest ``depth`` subgraphs deep, encoded by hand (protobuf's own
     serializer refuses to build what its parser would refuse to read)."""
-    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["o0"])], "g0", [],
-                              [helper.make_tensor_value_info("o0", TensorProto.FLOAT, None)]).SerializeToString()
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["o0"])],
+        "g0",
+        [],
+        [helper.make_tensor_value_info("o0", TensorProto.FLOAT, None)],
+    ).SerializeToString()
     for i in range(1, depth + 1):
         out = "Y" if i == depth else f"o{i}"
         attr = helper.make_attribute("then_branch", helper.make_graph([], "x", [], []))
         attr.ClearField("g")
         attr.type = onnx.AttributeProto.GRAPH
         attr_bytes = attr.SerializeToString() + _field(6, graph)
-        else_attr = helper.make_attribute("else_branch", helper.make_graph(
-            [helper.make_node("Identity", ["X"], [f"e{i}"])], f"e{i}", [],
-            [helper.make_tensor_value_info(f"e{i}", TensorProto.FLOAT, None)]))
+        else_attr = helper.make_attribute(
+            "else_branch",
+            helper.make_graph(
+                [helper.make_node("Identity", ["X"], [f"e{i}"])],
+                f"e{i}",
+                [],
+                [helper.make_tensor_value_info(f"e{i}", TensorProto.FLOAT, None)],
+            ),
+        )
         node = helper.make_node("If", ["cond"], [out])
         node.attribute.append(else_attr)
         node_bytes = node.SerializeToString() + _field(5, attr_bytes)
         name = "main" if i == depth else f"g{i}"
         shell = onnx.GraphProto(name=name)
         if i == depth:
-            shell.input.extend([helper.make_tensor_value_info("X", TensorProto.FLOAT, [1]),
-                                helper.make_tensor_value_info("cond", TensorProto.BOOL, [])])
+            shell.input.extend(
+                [
+                    helper.make_tensor_value_info("X", TensorProto.FLOAT, [1]),
+                    helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                ]
+            )
         shell.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
         graph = shell.SerializeToString() + _field(1, node_bytes)
     model = helper.make_model(onnx.GraphProto(), opset_imports=[helper.make_opsetid("", 17)])
@@ -241,10 +281,20 @@ def _bytes_case(case: str) -> tuple[bytes, str]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", [
-    "truncated-early", "truncated-late", "corrupted", "random-bytes", "tensor-proto", "node-proto",
-    "zip", "no-graph", "nested-200",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncated-early",
+        "truncated-late",
+        "corrupted",
+        "random-bytes",
+        "tensor-proto",
+        "node-proto",
+        "zip",
+        "no-graph",
+        "nested-200",
+    ],
+)
 def test_broken_protobuf(folder, case):
     data, expect = _bytes_case(case)
     path = save(data, folder)
@@ -282,8 +332,12 @@ def _graph_case(case: str) -> tuple[onnx.ModelProto, str]:
         g.node.extend([helper.make_node("Conv", ["Y", "W"], ["c"], name="conv"), bn])
         return m, "has a cycle"
     if case == "cycle-off-path":
-        g.node.extend([helper.make_node("Relu", ["d"], ["e"], name="r1"),
-                       helper.make_node("Relu", ["e"], ["d"], name="r2")])
+        g.node.extend(
+            [
+                helper.make_node("Relu", ["d"], ["e"], name="r1"),
+                helper.make_node("Relu", ["e"], ["d"], name="r2"),
+            ]
+        )
         return m, "has a cycle"
     if case == "self-loop":
         g.node.append(helper.make_node("Relu", ["z"], ["z"], name="r"))
@@ -330,8 +384,12 @@ def _graph_case(case: str) -> tuple[onnx.ModelProto, str]:
         g.node[1].attribute.append(helper.make_attribute("training_mode", 7))
         return m, "training_mode = 7 must be 0 or 1"
     if case == "dangling-in-subgraph":
-        body = helper.make_graph([helper.make_node("Identity", ["ghost"], ["o"])], "body", [],
-                                 [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["ghost"], ["o"])],
+            "body",
+            [],
+            [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+        )
         g.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=body, else_branch=body))
         g.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
         return m, "'ghost', which is not defined"
@@ -343,13 +401,29 @@ def _graph_case(case: str) -> tuple[onnx.ModelProto, str]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", [
-    "cycle", "cycle-off-path", "self-loop", "dangling-input", "dangling-output", "duplicate-output",
-    "output-shadows-initializer", "duplicate-initializer", "duplicate-input", "bn-without-outputs",
-    "bn-three-inputs", "epsilon-is-a-string", "group-is-a-float", "zero-stride", "negative-group",
-    "training-mode-7", "dangling-in-subgraph",
-    "sparse-initializer",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cycle",
+        "cycle-off-path",
+        "self-loop",
+        "dangling-input",
+        "dangling-output",
+        "duplicate-output",
+        "output-shadows-initializer",
+        "duplicate-initializer",
+        "duplicate-input",
+        "bn-without-outputs",
+        "bn-three-inputs",
+        "epsilon-is-a-string",
+        "group-is-a-float",
+        "zero-stride",
+        "negative-group",
+        "training-mode-7",
+        "dangling-in-subgraph",
+        "sparse-initializer",
+    ],
+)
 def test_malformed_graph(folder, case):
     model, expect = _graph_case(case)
     path = save(model, folder)
@@ -401,11 +475,22 @@ def _tensor_case(case: str) -> tuple[onnx.ModelProto, str]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", [
-    "raw-too-short", "raw-too-long", "float-data-short", "wrong-field", "absurd-dims",
-    "huge-dims-small-data", "negative-dims", "undefined-dtype", "constant-attr-mismatch",
-    "absurd-input", "negative-input-dim",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "raw-too-short",
+        "raw-too-long",
+        "float-data-short",
+        "wrong-field",
+        "absurd-dims",
+        "huge-dims-small-data",
+        "negative-dims",
+        "undefined-dtype",
+        "constant-attr-mismatch",
+        "absurd-input",
+        "negative-input-dim",
+    ],
+)
 def test_tensor_does_not_match_its_declaration(folder, case):
     model, expect = _tensor_case(case)
     path = save(model, folder)
@@ -446,7 +531,9 @@ def test_nodes_out_of_order_are_accepted(folder):
     m.graph.ClearField("node")
     m.graph.node.extend(reversed(nodes))
     path = save(m, folder)
-    result = runner.invoke(app, ["fold", str(path), "-o", str(folder / "out.onnx"), "--json", "-", "-q"])
+    result = runner.invoke(
+        app, ["fold", str(path), "-o", str(folder / "out.onnx"), "--json", "-", "-q"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["totals"]["folded"] == 1
 
@@ -458,12 +545,25 @@ def test_absurd_constant_of_shape_is_kept_not_materialised(folder):
     keep = [i for i in g.initializer if i.name != "s"]
     g.ClearField("initializer")
     g.initializer.extend(keep)
-    g.node.insert(0, helper.make_node("ConstantOfShape", ["shape"], ["s"],
-                                      value=numpy_helper.from_array(np.ones(1, np.float32))))
-    g.node.insert(0, helper.make_node("Constant", [], ["shape"],
-                                      value=numpy_helper.from_array(np.array([2**40], np.int64))))
+    g.node.insert(
+        0,
+        helper.make_node(
+            "ConstantOfShape",
+            ["shape"],
+            ["s"],
+            value=numpy_helper.from_array(np.ones(1, np.float32)),
+        ),
+    )
+    g.node.insert(
+        0,
+        helper.make_node(
+            "Constant", [], ["shape"], value=numpy_helper.from_array(np.array([2**40], np.int64))
+        ),
+    )
     path = save(m, folder)
-    result = runner.invoke(app, ["fold", str(path), "-o", str(folder / "out.onnx"), "--json", "-", "-q"])
+    result = runner.invoke(
+        app, ["fold", str(path), "-o", str(folder / "out.onnx"), "--json", "-", "-q"]
+    )
     assert result.exit_code == 0, result.output
     bn = json.loads(result.stdout)["batchnorms"][0]
     assert bn["status"] == "kept" and "too large" in bn["detail"]
@@ -475,18 +575,21 @@ def _external_input(folder: Path) -> Path:
     return save(conv_bn(weight=external_weight("w.data")), folder)
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("input", "is the input"),
-    ("input-via-dot", "is the input"),
-    ("input-via-symlink", "is the input"),
-    ("input-hard-link", "is the input"),
-    ("external-data", "external data"),
-    ("data-name-clash", "external data"),
-    ("directory", "is a directory"),
-    ("missing-folder", "does not exist"),
-    ("parent-is-a-file", "not a folder"),
-    ("proc", "/proc"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("input", "is the input"),
+        ("input-via-dot", "is the input"),
+        ("input-via-symlink", "is the input"),
+        ("input-hard-link", "is the input"),
+        ("external-data", "external data"),
+        ("data-name-clash", "external data"),
+        ("directory", "is a directory"),
+        ("missing-folder", "does not exist"),
+        ("parent-is-a-file", "not a folder"),
+        ("proc", "/proc"),
+    ],
+)
 def test_bad_output_path(folder, case, expect):
     src = _external_input(folder)
     out: Path | str = {
@@ -560,4 +663,3 @@ def test_random_corruption_never_crashes(tmp_path, seed):
     if result.exit_code != 0:
         assert _snapshot(tmp_path) == before
     assert path.read_bytes() == bytes(data)
-

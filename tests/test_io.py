@@ -17,8 +17,14 @@ from bnfold.errors import ExternalDataError, InputNotFoundError, InvalidModelErr
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
-def _external_model(folder: Path, location: str = "w.data", *, offset: int = 0, length: int | None = None,
-                     write_data: bool = True) -> Path:
+def _external_model(
+    folder: Path,
+    location: str = "w.data",
+    *,
+    offset: int = 0,
+    length: int | None = None,
+    write_data: bool = True,
+) -> Path:
     """A Conv model whose weight lives in external data at ``location`` (relative to ``folder``)."""
     w = np.arange(2 * 3 * 1 * 1, dtype=np.float32).reshape(2, 3, 1, 1)
     if write_data:
@@ -26,11 +32,16 @@ def _external_model(folder: Path, location: str = "w.data", *, offset: int = 0, 
         (folder / location).write_bytes(w.tobytes())
     t = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[2, 3, 1, 1])
     t.data_location = onnx.TensorProto.EXTERNAL
-    entries = {"location": location, "offset": str(offset), "length": str(length if length is not None else w.nbytes)}
+    entries = {
+        "location": location,
+        "offset": str(offset),
+        "length": str(length if length is not None else w.nbytes),
+    }
     for k, v in entries.items():
         t.external_data.add(key=k, value=v)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["X", "W"], ["Y"])], "g",
+        [helper.make_node("Conv", ["X", "W"], ["Y"])],
+        "g",
         [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 3, 2, 2])],
         [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 2, 2, 2])],
         [t],
@@ -58,10 +69,18 @@ def test_load_sample_model():
         (lambda d: d, InputNotFoundError, "is a directory"),
         (lambda d: _write(d / "empty.onnx", b""), InvalidModelError, "empty file"),
         (lambda d: _write(d / "text.onnx", b"hello, I am not a model\n"), InvalidModelError, "not"),
-        (lambda d: _write(d / "trunc.onnx", (SAMPLES / "cnn1d.onnx").read_bytes()[:1000]),
-         InvalidModelError, "not a valid ONNX model"),
-        (lambda d: _write(d / "graph.onnx", helper.make_graph([], "g", [], []).SerializeToString()),
-         InvalidModelError, "not an ONNX model"),
+        (
+            lambda d: _write(d / "trunc.onnx", (SAMPLES / "cnn1d.onnx").read_bytes()[:1000]),
+            InvalidModelError,
+            "not a valid ONNX model",
+        ),
+        (
+            lambda d: _write(
+                d / "graph.onnx", helper.make_graph([], "g", [], []).SerializeToString()
+            ),
+            InvalidModelError,
+            "not an ONNX model",
+        ),
     ],
     ids=["missing", "directory", "empty", "text", "truncated", "graph-not-model"],
 )

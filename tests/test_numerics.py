@@ -86,18 +86,30 @@ def rng_from(draw) -> np.random.Generator:
 def test_scale_shift_is_the_bn_definition(channels, eps, seed):
     rng = np.random.default_rng(seed)
     gamma = rng.normal(size=channels)
-    beta, mean, var = rng.normal(size=channels), rng.normal(size=channels), rng.uniform(0.05, 4, channels)
+    beta, mean, var = (
+        rng.normal(size=channels),
+        rng.normal(size=channels),
+        rng.uniform(0.05, 4, channels),
+    )
     s, t = numerics.bn_scale_shift(gamma, beta, mean, var, eps)
     x = rng.normal(size=(5, channels)) * 3
     assert_close64(s * x + t, gamma * (x - mean) / np.sqrt(var + eps) + beta)
 
 
 @PROPERTY
-@given(st.sampled_from(["scale", "B", "mean", "var"]), st.sampled_from([np.nan, np.inf, -np.inf]),
-       st.integers(1, 6), st.data())
+@given(
+    st.sampled_from(["scale", "B", "mean", "var"]),
+    st.sampled_from([np.nan, np.inf, -np.inf]),
+    st.integers(1, 6),
+    st.data(),
+)
 def test_scale_shift_refuses_non_finite_params(name, bad, channels, data):
-    params = {"scale": np.ones(channels), "B": np.zeros(channels), "mean": np.zeros(channels),
-              "var": np.ones(channels)}
+    params = {
+        "scale": np.ones(channels),
+        "B": np.zeros(channels),
+        "mean": np.zeros(channels),
+        "var": np.ones(channels),
+    }
     params[name][data.draw(st.integers(0, channels - 1))] = bad
     with pytest.raises(FoldRefused) as info:
         numerics.bn_scale_shift(params["scale"], params["B"], params["mean"], params["var"], 1e-5)
@@ -123,7 +135,9 @@ def test_scale_shift_refuses_non_finite_epsilon(eps):
 
 def test_scale_shift_refuses_a_scale_beyond_float64():
     with pytest.raises(FoldRefused) as info:
-        numerics.bn_scale_shift(np.array([1e300]), np.zeros(1), np.zeros(1), np.array([1e-300]), 0.0)
+        numerics.bn_scale_shift(
+            np.array([1e300]), np.zeros(1), np.zeros(1), np.array([1e-300]), 0.0
+        )
     assert info.value.reason == "overflow"
 
 
@@ -147,8 +161,13 @@ def test_per_channel():
 # ------------------------------------------------------------------------------------ targets
 @PROPERTY
 @given(
-    rank=st.integers(1, 3), group=st.integers(1, 3), cin_g=st.integers(1, 3), cout_g=st.integers(1, 3),
-    dtype=st.sampled_from(WEIGHT_DTYPES), with_bias=st.booleans(), data=st.data(),
+    rank=st.integers(1, 3),
+    group=st.integers(1, 3),
+    cin_g=st.integers(1, 3),
+    cout_g=st.integers(1, 3),
+    dtype=st.sampled_from(WEIGHT_DTYPES),
+    with_bias=st.booleans(),
+    data=st.data(),
 )
 def test_fold_conv(rank, group, cin_g, cout_g, dtype, with_bias, data):
     rng = rng_from(data.draw)
@@ -168,8 +187,13 @@ def test_fold_conv(rank, group, cin_g, cout_g, dtype, with_bias, data):
 
 @PROPERTY
 @given(
-    rank=st.integers(1, 3), group=st.integers(1, 3), cin_g=st.integers(1, 3), cout_g=st.integers(1, 3),
-    dtype=st.sampled_from(WEIGHT_DTYPES), with_bias=st.booleans(), data=st.data(),
+    rank=st.integers(1, 3),
+    group=st.integers(1, 3),
+    cin_g=st.integers(1, 3),
+    cout_g=st.integers(1, 3),
+    dtype=st.sampled_from(WEIGHT_DTYPES),
+    with_bias=st.booleans(),
+    data=st.data(),
 )
 def test_fold_conv_transpose(rank, group, cin_g, cout_g, dtype, with_bias, data):
     rng = rng_from(data.draw)
@@ -191,16 +215,29 @@ def test_fold_conv_transpose(rank, group, cin_g, cout_g, dtype, with_bias, data)
 
 @PROPERTY
 @given(
-    m=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 5), trans_a=st.booleans(),
-    trans_b=st.booleans(), alpha=st.sampled_from([1.0, 0.5, -2.0]), beta=st.sampled_from([1.0, 0.0, -1.5]),
+    m=st.integers(1, 4),
+    k=st.integers(1, 4),
+    n=st.integers(1, 5),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    alpha=st.sampled_from([1.0, 0.5, -2.0]),
+    beta=st.sampled_from([1.0, 0.0, -1.5]),
     c_kind=st.sampled_from(["none", "scalar", "[N]", "[1,N]", "[M,N]", "[M,1]"]),
-    dtype=st.sampled_from(WEIGHT_DTYPES), data=st.data(),
+    dtype=st.sampled_from(WEIGHT_DTYPES),
+    data=st.data(),
 )
 def test_fold_gemm(m, k, n, trans_a, trans_b, alpha, beta, c_kind, dtype, data):
     rng = rng_from(data.draw)
     a = rng.normal(size=(k, m) if trans_a else (m, k))
     bw = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
-    c_shape = {"none": None, "scalar": (), "[N]": (n,), "[1,N]": (1, n), "[M,N]": (m, n), "[M,1]": (m, 1)}[c_kind]
+    c_shape = {
+        "none": None,
+        "scalar": (),
+        "[N]": (n,),
+        "[1,N]": (1, n),
+        "[M,N]": (m, n),
+        "[M,1]": (m, 1),
+    }[c_kind]
     c = None if c_shape is None else rng.normal(size=c_shape)
     s, t = data.draw(bn_affine(n))
     b_new, c_new = numerics.fold_gemm(bw, c, s, t, trans_b=trans_b, beta=beta)
@@ -215,8 +252,14 @@ def test_fold_gemm(m, k, n, trans_a, trans_b, alpha, beta, c_kind, dtype, data):
 
 
 @PROPERTY
-@given(m=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 5),
-       bias=st.sampled_from([None, "[N]", "[1,N]"]), dtype=st.sampled_from(WEIGHT_DTYPES), data=st.data())
+@given(
+    m=st.integers(1, 4),
+    k=st.integers(1, 4),
+    n=st.integers(1, 5),
+    bias=st.sampled_from([None, "[N]", "[1,N]"]),
+    dtype=st.sampled_from(WEIGHT_DTYPES),
+    data=st.data(),
+)
 def test_fold_matmul(m, k, n, bias, dtype, data):
     rng = rng_from(data.draw)
     x = rng.normal(size=(m, k))
@@ -226,19 +269,34 @@ def test_fold_matmul(m, k, n, bias, dtype, data):
     w_new, b_new = numerics.fold_matmul(w, s), numerics.fold_bias(b, s, t)
 
     assert w_new.shape == w.shape and b_new.shape == ((n,) if b is None else b.shape)
-    assert_close64(x @ w_new + b_new, s * (x @ w.astype(np.float64) + (0.0 if b is None else b)) + t)
+    assert_close64(
+        x @ w_new + b_new, s * (x @ w.astype(np.float64) + (0.0 if b is None else b)) + t
+    )
 
 
 def test_fold_refuses_mismatched_shapes():
     s = np.ones(3)
     cases = [
         (lambda: numerics.fold_conv(np.ones((4, 2, 3)), s), "shape_mismatch"),
-        (lambda: numerics.fold_conv_transpose(np.ones((4, 1, 3)), s, 2), "shape_mismatch"),  # Cout = 2
+        (
+            lambda: numerics.fold_conv_transpose(np.ones((4, 1, 3)), s, 2),
+            "shape_mismatch",
+        ),  # Cout = 2
         (lambda: numerics.fold_conv_transpose(np.ones((3, 1, 3)), s, 2), "shape_mismatch"),  # 3 % 2
-        (lambda: numerics.fold_gemm(np.ones((2, 4)), None, s, s, trans_b=False, beta=1.0), "shape_mismatch"),
-        (lambda: numerics.fold_gemm(np.ones((2, 3)), np.ones((2, 2)), s, s, trans_b=False, beta=1.0),
-         "shape_mismatch"),
-        (lambda: numerics.fold_gemm(np.ones((2, 3, 1)), None, s, s, trans_b=False, beta=1.0), "shape_mismatch"),
+        (
+            lambda: numerics.fold_gemm(np.ones((2, 4)), None, s, s, trans_b=False, beta=1.0),
+            "shape_mismatch",
+        ),
+        (
+            lambda: numerics.fold_gemm(
+                np.ones((2, 3)), np.ones((2, 2)), s, s, trans_b=False, beta=1.0
+            ),
+            "shape_mismatch",
+        ),
+        (
+            lambda: numerics.fold_gemm(np.ones((2, 3, 1)), None, s, s, trans_b=False, beta=1.0),
+            "shape_mismatch",
+        ),
         (lambda: numerics.fold_matmul(np.ones((2, 4)), s), "shape_mismatch"),
         (lambda: numerics.fold_matmul(np.ones((1, 2, 3)), s), "unsupported_layout"),
     ]
@@ -255,18 +313,29 @@ def test_references_agree_with_onnxruntime(group, cin_g, cout_g):
     cin, cout = cin_g * group, cout_g * group
     w_conv = rng.normal(size=(cout, cin_g, 2, 3)).astype(np.float32)
     w_convt = rng.normal(size=(cin, cout_g, 2, 3)).astype(np.float32)
-    model = model_from_text(f"""<ir_version: 8, opset_import: ["" : 17]>
+    model = model_from_text(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
         g (float[1,{cin},2,3] X, float[1,{cin},1,1] P) => (float[1,{cout},1,1] Y, float[1,{cout},2,3] Z) {{
             Y = Conv <group = {group}> (X, Wc)
             Z = ConvTranspose <group = {group}> (P, Wt)
-        }}""", {"Wc": w_conv, "Wt": w_convt})
+        }}""",
+        {"Wc": w_conv, "Wt": w_convt},
+    )
     x = rng.normal(size=(1, cin, 2, 3)).astype(np.float32)
     p = rng.normal(size=(1, cin, 1, 1)).astype(np.float32)
     y, z = run_ort(model, {"X": x, "P": p})
-    np.testing.assert_allclose(y[0, :, 0, 0], conv_at_one_pixel(x[0], w_conv.astype(np.float64), group),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(z[0], conv_transpose_of_one_pixel(p[0, :, 0, 0], w_convt.astype(np.float64), group),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y[0, :, 0, 0],
+        conv_at_one_pixel(x[0], w_conv.astype(np.float64), group),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        z[0],
+        conv_transpose_of_one_pixel(p[0, :, 0, 0], w_convt.astype(np.float64), group),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 # ------------------------------------------------------------------------------------ round_to
@@ -284,7 +353,9 @@ def near_ties(draw, dtype):
     lo = float(np.array(bits, uint).view(dtype))
     hi = float(np.array(bits + 1, uint).view(dtype))
     mid = (lo + hi) / 2  # exact in float64
-    nudge = draw(st.sampled_from([0.0, 1.0, -1.0])) * abs(hi - lo) * 2.0 ** -draw(st.integers(20, 45))
+    nudge = (
+        draw(st.sampled_from([0.0, 1.0, -1.0])) * abs(hi - lo) * 2.0 ** -draw(st.integers(20, 45))
+    )
     return draw(st.sampled_from([1.0, -1.0])) * (mid + nudge)
 
 
@@ -292,25 +363,31 @@ def near_ties(draw, dtype):
 def representable(draw, dtype):
     """float64 values within the finite range of ``dtype``: random, near ties, or tiny."""
     limit = float(ml_dtypes.finfo(dtype).max)
-    return draw(st.one_of(
-        st.floats(-limit, limit, allow_nan=False, allow_subnormal=True),
-        near_ties(dtype),
-        st.floats(-1e-36, 1e-36),
-    ))
+    return draw(
+        st.one_of(
+            st.floats(-limit, limit, allow_nan=False, allow_subnormal=True),
+            near_ties(dtype),
+            st.floats(-1e-36, 1e-36),
+        )
+    )
 
 
 def _assert_correctly_rounded(x: np.ndarray, dtype: np.dtype) -> None:
     got = numerics.round_to(x, dtype, "w")
     assert got.dtype == dtype
     uint = {2: np.uint16, 4: np.uint32}[dtype.itemsize]
-    np.testing.assert_array_equal(got.view(uint), round_exact(x, dtype).view(uint), err_msg=repr(x.tolist()))
+    np.testing.assert_array_equal(
+        got.view(uint), round_exact(x, dtype).view(uint), err_msg=repr(x.tolist())
+    )
 
 
 @pytest.mark.parametrize("dtype", ROUND_DTYPES, ids=str)
 @PROPERTY
 @given(data=st.data())
 def test_round_to_is_correctly_rounded(dtype, data):
-    x = np.array(data.draw(st.lists(representable(dtype), min_size=1, max_size=8)), dtype=np.float64)
+    x = np.array(
+        data.draw(st.lists(representable(dtype), min_size=1, max_size=8)), dtype=np.float64
+    )
     assume(np.all(np.abs(x) <= float(ml_dtypes.finfo(dtype).max)))
     _assert_correctly_rounded(x, dtype)
 
@@ -326,7 +403,11 @@ def test_round_to_bfloat16_rounds_once():
 
 @pytest.mark.parametrize("dtype", ROUND_DTYPES, ids=str)
 @PROPERTY
-@given(factor=st.floats(1.0 + 2.0**-20, 1e6), sign=st.sampled_from([1.0, -1.0]), position=st.integers(0, 3))
+@given(
+    factor=st.floats(1.0 + 2.0**-20, 1e6),
+    sign=st.sampled_from([1.0, -1.0]),
+    position=st.integers(0, 3),
+)
 def test_round_to_refuses_overflow(dtype, factor, sign, position):
     limit = float(ml_dtypes.finfo(dtype).max)
     x = np.array([0.5, -1.0, 2.0, 0.0])

@@ -22,7 +22,10 @@ def conv_nd(x: np.ndarray, w: np.ndarray, group: int, pads, strides, dilations) 
     n = x.ndim - 1
     padded = np.pad(x, [(0, 0)] + [(pads[d], pads[n + d]) for d in range(n)])
     kernel = w.shape[2:]
-    out_shape = [(padded.shape[1 + d] - ((kernel[d] - 1) * dilations[d] + 1)) // strides[d] + 1 for d in range(n)]
+    out_shape = [
+        (padded.shape[1 + d] - ((kernel[d] - 1) * dilations[d] + 1)) // strides[d] + 1
+        for d in range(n)
+    ]
     cout, cin_g = w.shape[:2]
     cout_g = cout // group
     y = np.zeros([cout] + out_shape)
@@ -70,11 +73,17 @@ def test_conv_forward_fold_identity(case):
     got = conv_nd(x, w2, group, pads, strides, dilations) + kmap
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     if not any(pads):
-        np.testing.assert_allclose(kmap, np.broadcast_to(delta.reshape(shape), kmap.shape), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            kmap, np.broadcast_to(delta.reshape(shape), kmap.shape), rtol=1e-12, atol=1e-12
+        )
     # The interior (where the whole kernel lies inside the input) is exactly δ.
-    inner = conv_nd(np.ones([cin] + spatial) * t.reshape(shape), w, group, [0] * 2 * n, [1] * n, [1] * n)
+    inner = conv_nd(
+        np.ones([cin] + spatial) * t.reshape(shape), w, group, [0] * 2 * n, [1] * n, [1] * n
+    )
     if inner.size:
-        np.testing.assert_allclose(inner, np.broadcast_to(delta.reshape(shape), inner.shape), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            inner, np.broadcast_to(delta.reshape(shape), inner.shape), rtol=1e-10, atol=1e-10
+        )
 
 
 def test_conv_pads_same():
@@ -88,7 +97,9 @@ def test_conv_pads_same():
 
 
 @PROPERTY
-@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.booleans(), st.integers(0, 2**16))
+@given(
+    st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.booleans(), st.integers(0, 2**16)
+)
 def test_gemm_forward_fold_identity(c, block, n, trans_b, seed):
     rng = np.random.default_rng(seed)
     k = c * block
@@ -99,13 +110,17 @@ def test_gemm_forward_fold_identity(c, block, n, trans_b, seed):
     want = (s[None, :, None] * x + t[None, :, None]).reshape(3, k) @ bk
     sk, tk = numerics.repeat_blocks(s, block), numerics.repeat_blocks(t, block)
     b2 = numerics.fold_gemm_input(b, sk, trans_b=trans_b)
-    got = x.reshape(3, k) @ (b2.T if trans_b else b2) + numerics.gemm_input_shift(b, tk, trans_b=trans_b)
+    got = x.reshape(3, k) @ (b2.T if trans_b else b2) + numerics.gemm_input_shift(
+        b, tk, trans_b=trans_b
+    )
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
 @PROPERTY
-@given(st.lists(st.sampled_from(["Mul", "Add", "Sub", "Sub_first", "Div"]), min_size=1, max_size=5),
-       st.integers(0, 2**16))
+@given(
+    st.lists(st.sampled_from(["Mul", "Add", "Sub", "Sub_first", "Div"]), min_size=1, max_size=5),
+    st.integers(0, 2**16),
+)
 def test_affine_steps_compose(ops, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(4)

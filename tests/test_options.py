@@ -23,11 +23,14 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 @pytest.mark.parametrize("shape", [(3, 4), (2, 4, 5), (2, 4, 5, 5)], ids=["2d", "3d", "4d"])
 @pytest.mark.parametrize("type_name, dtype", [("float", np.float32), ("float16", np.float16)])
 def test_lower_remaining(shape, type_name, dtype):
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g ({type_name}[{",".join(map(str, shape))}] X) => ({type_name}[{",".join(map(str, shape))}] Y) {{
             r = Relu (X)
             Y = BatchNormalization (r, scale, B, mean, var)
-        }}""", bn_params(4, dtype))
+        }}""",
+        bn_params(4, dtype),
+    )
 
     result = fold_checked(model, lower_remaining=True)
 
@@ -37,39 +40,53 @@ def test_lower_remaining(shape, type_name, dtype):
     assert ops(result.model) == ["Relu", "Mul", "Add"]
     assert result.model.graph.output[0].name == "Y"
     assert_equivalent(model, result.model)
-    assert not result.report.folded and len(result.report.kept) == 1, "a lowered BN still counts as kept"
+    assert not result.report.folded and len(result.report.kept) == 1, (
+        "a lowered BN still counts as kept"
+    )
 
 
 def test_lower_remaining_leaves_training_mode_bns_and_folds_the_rest():
-    model = model_from_text("""<ir_version: 8, opset_import: ["" : 15]>
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 15]>
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y, float[2,6,5,5] Z) {
             c = Conv (X, W)
             Y = BatchNormalization (c, scale, B, mean, var)
             r = Relu (Y)
             Z, rm, rv = BatchNormalization <training_mode = 1> (r, scale, B, mean, var)
-        }""", {"W": randn(6, 4, 1, 1, seed=1), **bn_params(6)})
+        }""",
+        {"W": randn(6, 4, 1, 1, seed=1), **bn_params(6)},
+    )
     result = fold_checked(model, lower_remaining=True)
-    assert [(d.direction, d.reason) for d in result.decisions] == [("backward", None), (None, SkipReason.TRAINING_MODE)]
+    assert [(d.direction, d.reason) for d in result.decisions] == [
+        ("backward", None),
+        (None, SkipReason.TRAINING_MODE),
+    ]
     assert ops(result.model) == ["Conv", "Relu", "BatchNormalization"]
 
 
 def test_lower_remaining_in_ir3_model():
-    model = model_from_text("""<ir_version: 3, opset_import: ["" : 7]>
+    model = model_from_text(
+        """<ir_version: 3, opset_import: ["" : 7]>
         g (float[2,4,5,5] X) => (float[2,4,5,5] Y) {
             r = Relu (X)
             Y = BatchNormalization (r, scale, B, mean, var)
-        }""", bn_params(4))
+        }""",
+        bn_params(4),
+    )
     result = fold_checked(model, lower_remaining=True)
     assert ops(result.model) == ["Relu", "Mul", "Add"]
     assert_equivalent(model, result.model)
 
 
 def test_lower_remaining_off_by_default():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,4,5,5] Y) {{
             r = Relu (X)
             Y = BatchNormalization (r, scale, B, mean, var)
-        }}""", bn_params(4))
+        }}""",
+        bn_params(4),
+    )
     result = assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER)
     assert result.decisions[0].direction is None
 
@@ -85,13 +102,17 @@ SHARED = {
 @pytest.mark.parametrize("op", list(SHARED))
 def test_duplicate_shared(op):
     x, y, line, w = SHARED[op]
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float{x} X) => (float{y} Y, float{y} Z) {{
             {line}
             Y = BatchNormalization (c, scale, B, mean, var)
             Z = Relu (c)
-        }}""", {"W": randn(*w, seed=1), "b": randn(6, seed=2), **bn_params(6)} if "Add" in line else
-        {"W": randn(*w, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(*w, seed=1), "b": randn(6, seed=2), **bn_params(6)}
+        if "Add" in line
+        else {"W": randn(*w, seed=1), **bn_params(6)},
+    )
     assert_kept(model, SkipReason.PRODUCER_OUTPUT_SHARED)
 
     result = assert_folded(model, "backward", duplicate_shared=True)
@@ -103,25 +124,31 @@ def test_duplicate_shared(op):
 
 
 def test_duplicate_shared_matmul_output_shared_inside_matmul_add():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[3,5] X) => (float[3,6] Y, float[3,6] Z) {{
             m = MatMul (X, W)
             c = Add (m, b)
             Y = BatchNormalization (c, scale, B, mean, var)
             Z = Relu (m)
-        }}""", {"W": randn(5, 6, seed=1), "b": randn(6, seed=2), **bn_params(6)})
+        }}""",
+        {"W": randn(5, 6, seed=1), "b": randn(6, seed=2), **bn_params(6)},
+    )
     assert_kept(model, SkipReason.PRODUCER_OUTPUT_SHARED)
     result = assert_folded(model, "backward", duplicate_shared=True)
     assert ops(result.model).count("MatMul") == 2
 
 
 def test_duplicate_shared_undone_when_the_fold_fails():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X, float[6,4,1,1] W) => (float[2,6,5,5] Y, float[2,6,5,5] Z) {{
             c = Conv (X, W)
             Y = BatchNormalization (c, scale, B, mean, var)
             Z = Relu (c)
-        }}""", bn_params(6))
+        }}""",
+        bn_params(6),
+    )
     result = fold_checked(model, duplicate_shared=True)
     assert result.decisions[0].reason == SkipReason.NON_CONSTANT_WEIGHT
     assert ops(result.model) == ["Conv", "BatchNormalization", "Relu"], "the copy is removed again"
@@ -135,29 +162,45 @@ def test_inspect_path_writes_nothing(tmp_path):
 
     report = inspect_model(src)
 
-    assert src.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["keras_style.onnx"]
-    assert [(d.direction, d.target_op) for d in report.decisions] == [("forward", "Conv"), ("forward", "Gemm")]
+    assert src.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [
+        "keras_style.onnx"
+    ]
+    assert [(d.direction, d.target_op) for d in report.decisions] == [
+        ("forward", "Conv"),
+        ("forward", "Gemm"),
+    ]
     assert report.output is None and not report.written and report.verification is None
-    assert report.input == str(src) and report.nodes_after == report.nodes_before - 2 + 1  # + border Add
+    assert (
+        report.input == str(src) and report.nodes_after == report.nodes_before - 2 + 1
+    )  # + border Add
     data = json.loads(json.dumps(report.to_dict()))
     assert data["totals"] == {"batchnorms": 2, "folded": 2, "kept": 0}
     assert [b["direction"] for b in data["batchnorms"]] == ["forward", "forward"]
 
 
 def test_inspect_proto_and_ir_model_are_not_modified():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y, float[2,6,5,5] Z) {{
             c = Conv (X, W)
             n = BatchNormalization (c, scale, B, mean, var)
             Y = Relu (n)
             r = Relu (X)
             [kept_bn] Z = BatchNormalization (r, scale4, B4, mean4, var4)
-        }}""", {"W": randn(6, 4, 1, 1, seed=1), **bn_params(6),
-                **{k + "4": v for k, v in bn_params(4, seed=2).items()}})
+        }}""",
+        {
+            "W": randn(6, 4, 1, 1, seed=1),
+            **bn_params(6),
+            **{k + "4": v for k, v in bn_params(4, seed=2).items()},
+        },
+    )
     before = model.SerializeToString(deterministic=True)
     report = inspect_model(model)
     assert model.SerializeToString(deterministic=True) == before
-    assert [(d.status, d.direction) for d in report.decisions] == [("folded", "backward"), ("kept", None)]
+    assert [(d.status, d.direction) for d in report.decisions] == [
+        ("folded", "backward"),
+        ("kept", None),
+    ]
 
     ir_model = ir.serde.deserialize_model(model)
     n_nodes = len(list(ir_model.graph))

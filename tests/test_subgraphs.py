@@ -38,8 +38,9 @@ IF_MODEL = f"""{H17}
 
 
 def test_if_branch():
-    model = model_from_text(IF_MODEL, {"W": randn(6, 4, 3, 3, seed=1), "W2": randn(6, 4, 3, 3, seed=2),
-                                       **bn_params(6)})
+    model = model_from_text(
+        IF_MODEL, {"W": randn(6, 4, 3, 3, seed=1), "W2": randn(6, 4, 3, 3, seed=2), **bn_params(6)}
+    )
 
     result = assert_folded(model, "backward")
 
@@ -47,8 +48,12 @@ def test_if_branch():
     assert d.graph == "branch/then_branch" and d.name == "bn_then"
     then_g = subgraph(result.model, 0, "then_branch")
     assert [n.op_type for n in then_g.node] == ["Conv"]
-    assert {i.name for i in then_g.initializer} == set(then_g.node[0].input[1:]), "new constants live in the branch"
-    assert [i.name for i in result.model.graph.initializer] == ["W2"], "W and the BN parameters are gone"
+    assert {i.name for i in then_g.initializer} == set(then_g.node[0].input[1:]), (
+        "new constants live in the branch"
+    )
+    assert [i.name for i in result.model.graph.initializer] == ["W2"], (
+        "W and the BN parameters are gone"
+    )
     for cond in (True, False):
         feeds = {**random_feeds(model), "cond": np.array(cond)}
         assert_equivalent(model, result.model, feeds=feeds)
@@ -57,8 +62,9 @@ def test_if_branch():
 def test_if_branch_ir3_uses_constant_nodes():
     # In IR < 4 every initializer must be a graph input, which a branch cannot have: Constant nodes.
     text = IF_MODEL.replace(H17, '<ir_version: 3, opset_import: ["" : 7]>')
-    model = model_from_text(text, {"W": randn(6, 4, 3, 3, seed=1), "W2": randn(6, 4, 3, 3, seed=2),
-                                   **bn_params(6)})
+    model = model_from_text(
+        text, {"W": randn(6, 4, 3, 3, seed=1), "W2": randn(6, 4, 3, 3, seed=2), **bn_params(6)}
+    )
 
     result = assert_folded(model, "backward")
 
@@ -68,7 +74,8 @@ def test_if_branch_ir3_uses_constant_nodes():
 
 
 def test_outer_weight_shared_with_the_main_graph_is_not_touched():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (bool cond, float[2,4,5,5] X) => (float[2,6,5,5] Y, float[2,6,5,5] Z) {{
             Z = Conv <pads = [1, 1, 1, 1]> (X, W)
             Y = If (cond) <
@@ -80,7 +87,9 @@ def test_outer_weight_shared_with_the_main_graph_is_not_touched():
                     e = Identity (Z)
                 }}
             >
-        }}""", {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)})
+        }}""",
+        {"W": randn(6, 4, 3, 3, seed=1), **bn_params(6)},
+    )
     result = assert_folded(model, "backward")
     assert result.model.graph.node[0].input[1] == "W"
     assert "W" in {i.name for i in result.model.graph.initializer}
@@ -100,8 +109,10 @@ LOOP = f"""{H17}
 
 
 def test_loop_body():
-    model = model_from_text(LOOP.replace("VAR", "var"), {"W": (randn(4, 4, 3, 3, seed=1) * 0.3).astype(np.float32),
-                                                         **bn_params(4)})
+    model = model_from_text(
+        LOOP.replace("VAR", "var"),
+        {"W": (randn(4, 4, 3, 3, seed=1) * 0.3).astype(np.float32), **bn_params(4)},
+    )
     feeds = {"M": np.array(3, np.int64), "cond": np.array(True), "S0": randn(2, 4, 5, 5, seed=5)}
 
     result = assert_folded(model, "backward", feeds=feeds)
@@ -112,7 +123,8 @@ def test_loop_body():
 
 def test_loop_carried_parameter_kept():
     # The BN's var is a loop-carried value: an input of the body, different in every iteration.
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (int64 M, bool cond, float[2,4,5,5] S0, float[4] V0) => (float[2,4,5,5] S, float[4] V) {{
             S, V = Loop (M, cond, S0, V0) <
                 body = body_g (int64 i, bool c_in, float[2,4,5,5] s_in, float[4] v_in)
@@ -123,16 +135,23 @@ def test_loop_carried_parameter_kept():
                     s_out = BatchNormalization (c, scale, B, mean, v_in)
                 }}
             >
-        }}""", {"W": randn(4, 4, 3, 3, seed=1), **{k: v for k, v in bn_params(4).items() if k != "var"}})
-    feeds = {"M": np.array(2, np.int64), "cond": np.array(True), "S0": randn(2, 4, 5, 5, seed=5),
-             "V0": np.full(4, 0.5, np.float32)}
+        }}""",
+        {"W": randn(4, 4, 3, 3, seed=1), **{k: v for k, v in bn_params(4).items() if k != "var"}},
+    )
+    feeds = {
+        "M": np.array(2, np.int64),
+        "cond": np.array(True),
+        "S0": randn(2, 4, 5, 5, seed=5),
+        "V0": np.full(4, 0.5, np.float32),
+    }
     result = assert_kept(model, SkipReason.IN_SUBGRAPH, run=None)
     assert "v_in" in result.decisions[0].detail and "Loop" in result.decisions[0].detail
     assert_equivalent(model, result.model, feeds=feeds)
 
 
 def test_scan_body():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (float[2] init, float[3,2,6] xs) => (float[2] last, float[3,2,4] ys) {{
             last, ys = Scan (init, xs) <
                 num_scan_inputs = 1,
@@ -142,13 +161,16 @@ def test_scan_body():
                     y = BatchNormalization (h, scale, B, mean, var)
                 }}
             >
-        }}""", {"W": randn(4, 6, seed=1), "b": randn(4, seed=2), **bn_params(4)})
+        }}""",
+        {"W": randn(4, 6, seed=1), "b": randn(4, seed=2), **bn_params(4)},
+    )
     result = assert_folded(model, "backward")
     assert result.decisions[0].target_op == "Gemm"
 
 
 def test_nested_if_in_loop_forward_fold():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (int64 M, bool cond, float[2,4,5,5] S0) => (float[2,4,5,5] S) {{
             S = Loop (M, cond, S0) <
                 body = body_g (int64 i, bool c_in, float[2,4,5,5] s_in) => (bool c_out, float[2,4,5,5] s_out) {{
@@ -165,17 +187,23 @@ def test_nested_if_in_loop_forward_fold():
                     >
                 }}
             >
-        }}""", {"W": (randn(4, 4, 3, 3, seed=1) * 0.3).astype(np.float32), **bn_params(4)})
+        }}""",
+        {"W": (randn(4, 4, 3, 3, seed=1) * 0.3).astype(np.float32), **bn_params(4)},
+    )
     feeds = {"M": np.array(2, np.int64), "cond": np.array(True), "S0": randn(2, 4, 5, 5, seed=5)}
 
     result = assert_folded(model, "forward", feeds=feeds)
 
     assert result.decisions[0].graph.endswith("then_branch")
-    assert [n.op_type for n in all_nodes(result.model) if n.op_type in ("Conv", "Add")] == ["Conv", "Add"]
+    assert [n.op_type for n in all_nodes(result.model) if n.op_type in ("Conv", "Add")] == [
+        "Conv",
+        "Add",
+    ]
 
 
 def test_main_graph_bn_read_inside_a_branch_kept():
-    model = model_from_text(f"""{H17}
+    model = model_from_text(
+        f"""{H17}
         g (bool cond, float[2,4,5,5] x) => (float[2,6,5,5] Y) {{
             y = BatchNormalization (x, scale, B, mean, var)
             Y = If (cond) <
@@ -186,7 +214,9 @@ def test_main_graph_bn_read_inside_a_branch_kept():
                     e = Conv (y, W)
                 }}
             >
-        }}""", {"W": randn(6, 4, 1, 1, seed=1), **bn_params(4)})
+        }}""",
+        {"W": randn(6, 4, 1, 1, seed=1), **bn_params(4)},
+    )
     result = assert_kept(model, SkipReason.NO_PRODUCER)
     assert "subgraph" in result.decisions[0].detail
 
@@ -195,7 +225,8 @@ def test_main_graph_bn_read_inside_a_branch_kept():
 def function_model(body: str, inits=None) -> onnx.ModelProto:
     p = bn_params(6)
     w = randn(6, 4, 3, 3, seed=1)
-    return model_from_text(f"""<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    return model_from_text(
+        f"""<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {{
             Y = local.Block (X)
         }}
@@ -207,7 +238,9 @@ def function_model(body: str, inits=None) -> onnx.ModelProto:
             m = Constant <value = {lit(p["mean"])}> ()
             v = Constant <value = {lit(p["var"])}> ()
             {body}
-        }}""", inits)
+        }}""",
+        inits,
+    )
 
 
 def test_function_backward():
@@ -218,7 +251,9 @@ def test_function_backward():
 
     (fn,) = result.model.functions
     assert result.decisions[0].graph == "function local::Block"
-    assert [n.op_type for n in fn.node] == ["Constant", "Constant", "Conv"], "functions get Constant nodes"
+    assert [n.op_type for n in fn.node] == ["Constant", "Constant", "Conv"], (
+        "functions get Constant nodes"
+    )
     assert not result.model.graph.initializer
 
 
@@ -226,7 +261,11 @@ def test_function_backward():
 def test_function_forward(shift):
     # Inside a function shapes are unknown, so a padded Conv takes a forward fold only when the
     # BN's shift is zero (nothing to compensate at the border).
-    b4, m4 = ("0.0, 0.0, 0.0, 0.0",) * 2 if shift == "zero" else ("0.1, -0.2, 0.3, 0.0", "0.5, 0.5, -1.0, 0.0")
+    b4, m4 = (
+        ("0.0, 0.0, 0.0, 0.0",) * 2
+        if shift == "zero"
+        else ("0.1, -0.2, 0.3, 0.0", "0.5, 0.5, -1.0, 0.0")
+    )
     model = function_model(f"""s4 = Constant <value = float[4] {{1.5, 0.5, 1.0, 2.0}}> ()
             b4 = Constant <value = float[4] {{{b4}}}> ()
             m4 = Constant <value = float[4] {{{m4}}}> ()
@@ -257,7 +296,8 @@ def test_function_decomposed():
 
 
 def test_function_input_parameters_kept():
-    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
         g (float[2,4,5,5] X) => (float[2,6,5,5] Y) {
             Y = local.ConvBN (X, W, scale, B, mean, var)
         }
@@ -265,7 +305,9 @@ def test_function_input_parameters_kept():
         ConvBN (x, w, s, b, m, v) => (y) {
             c = Conv (x, w)
             y = BatchNormalization (c, s, b, m, v)
-        }""", {"W": randn(6, 4, 1, 1, seed=1), **bn_params(6)})
+        }""",
+        {"W": randn(6, 4, 1, 1, seed=1), **bn_params(6)},
+    )
     result = fold_checked(model)
     (d,) = result.decisions
     assert d.reason == SkipReason.IN_SUBGRAPH and "function local::ConvBN" in d.detail

@@ -47,7 +47,9 @@ def _seeded():
 
 def _sample_builders():
     """The sample models' builders (``cnn1d``, ``cnn2d`` ...) from sample_models/make_models.py."""
-    spec = importlib.util.spec_from_file_location("make_models", ROOT / "sample_models" / "make_models.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_models", ROOT / "sample_models" / "make_models.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_models", module)
     spec.loader.exec_module(module)
@@ -64,12 +66,16 @@ def randomize_bns(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(c, generator=g))
                 m.running_var.copy_(torch.rand(c, generator=g) * 1.8 + 0.2)
                 if m.affine:
-                    m.weight.copy_((torch.rand(c, generator=g) + 0.5) * torch.sign(torch.randn(c, generator=g)))
+                    m.weight.copy_(
+                        (torch.rand(c, generator=g) + 0.5) * torch.sign(torch.randn(c, generator=g))
+                    )
                     m.bias.copy_(torch.randn(c, generator=g))
     return model.eval()
 
 
-def train_briefly(model: nn.Module, input_shape: tuple[int, ...], steps: int = 12, seed: int = 0) -> nn.Module:
+def train_briefly(
+    model: nn.Module, input_shape: tuple[int, ...], steps: int = 12, seed: int = 0
+) -> nn.Module:
     """A few seeded SGD steps on a synthetic 10-class task, BNs in training mode; returns it in eval.
 
     Inputs have mean 0.5 and std 1.5 and the BNs average their batch statistics over all steps
@@ -83,8 +89,10 @@ def train_briefly(model: nn.Module, input_shape: tuple[int, ...], steps: int = 1
         m.momentum = None
     bn_params = {id(p) for m in bns for p in m.parameters()}
     opt = torch.optim.SGD(
-        [{"params": [p for p in model.parameters() if id(p) not in bn_params], "lr": 0.02},
-         {"params": [p for p in model.parameters() if id(p) in bn_params], "lr": 0.4}],
+        [
+            {"params": [p for p in model.parameters() if id(p) not in bn_params], "lr": 0.02},
+            {"params": [p for p in model.parameters() if id(p) in bn_params], "lr": 0.4},
+        ],
         momentum=0.9,
     )
     model.train()
@@ -109,7 +117,9 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+def assert_close(
+    got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5
+) -> None:
     """Like the ONNX tests: atol is relative to the output's scale, max(1, max |want|)."""
     scale = max(1.0, float(want.double().abs().max()))
     torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol * scale)
@@ -163,8 +173,10 @@ TUTORIAL = {"cnn1d": (3, 28), "cnn2d": (3, 28, 28)}
 @pytest.fixture(scope="module")
 def tutorial_models() -> dict[str, nn.Module]:
     builders = _sample_builders()
-    return {name: train_briefly(getattr(builders, name)(), shape, seed=i)
-            for i, (name, shape) in enumerate(TUTORIAL.items())}
+    return {
+        name: train_briefly(getattr(builders, name)(), shape, seed=i)
+        for i, (name, shape) in enumerate(TUTORIAL.items())
+    }
 
 
 @pytest.mark.parametrize("name", list(TUTORIAL))
@@ -210,7 +222,9 @@ def test_tutorial_cnn_folds_through_onnx(tutorial_models, name, tmp_path):
 # --------------------------------------------------------------------------------------- producers
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_conv_transpose_with_groups_and_cin_ne_cout(dims):
-    ct = getattr(nn, f"ConvTranspose{dims}d")(8, 6, kernel_size=3, stride=2, padding=1, groups=2, bias=False)
+    ct = getattr(nn, f"ConvTranspose{dims}d")(
+        8, 6, kernel_size=3, stride=2, padding=1, groups=2, bias=False
+    )
     bn = getattr(nn, f"BatchNorm{dims}d")(6)
     model = randomize_bns(nn.Sequential(ct, bn, nn.ReLU()))
     x = x_like(2, 8, *([5] * dims))
@@ -221,11 +235,18 @@ def test_conv_transpose_with_groups_and_cin_ne_cout(dims):
     with torch.no_grad():
         assert_close(result.module(x), model(x))
     # The weight [Cin, Cout/g, k...] scaled per output channel o = group * Cout/g + j.
-    s, _ = numerics.bn_scale_shift(bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy(),
-                                   bn.running_mean.double().numpy(), bn.running_var.double().numpy(), bn.eps)
+    s, _ = numerics.bn_scale_shift(
+        bn.weight.detach().double().numpy(),
+        bn.bias.detach().double().numpy(),
+        bn.running_mean.double().numpy(),
+        bn.running_var.double().numpy(),
+        bn.eps,
+    )
     w = ct.weight.detach().double().numpy()
     want = w.reshape(2, 4, 3, *w.shape[2:]) * s.reshape(2, 1, 3, *([1] * dims))
-    np.testing.assert_array_equal(result.module[0].weight.detach().numpy(), want.reshape(w.shape).astype(np.float32))
+    np.testing.assert_array_equal(
+        result.module[0].weight.detach().numpy(), want.reshape(w.shape).astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -246,7 +267,9 @@ def test_batchnorm_without_affine_parameters():
 
 
 def test_linear_batchnorm1d():
-    model = randomize_bns(nn.Sequential(nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3)))
+    model = randomize_bns(
+        nn.Sequential(nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+    )
     x = x_like(5, 16)
     result = fold(model, (x,))  # the run shows the BN gets [N, C]
     (d,) = result.decisions
@@ -292,7 +315,12 @@ def test_conv_called_twice_is_not_corrupted():
     x = x_like(2, 4, 6, 6)
     result = fold(model, (x,))
     (d,) = result.decisions
-    assert d.folded and d.target == "conv" and "private copy" in d.detail and "called 2 times" in d.detail
+    assert (
+        d.folded
+        and d.target == "conv"
+        and "private copy" in d.detail
+        and "called 2 times" in d.detail
+    )
     assert isinstance(result.module, torch.fx.GraphModule)  # that call site was rewritten
     # The shared Conv keeps its weights for the other call; only the copy is folded.
     assert torch.equal(result.module.conv.weight, model.conv.weight)
@@ -346,7 +374,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -357,7 +387,9 @@ class BasicBlock(nn.Module):
 class TinyResNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
         self.layer = nn.Sequential(BasicBlock(8, 16, 2), BasicBlock(16, 16, 1))
         self.fc = nn.Linear(16, 10)
 
@@ -371,7 +403,9 @@ def test_residual_network():
     x = x_like(3, 3, 12, 12)
     result = fold(model, (x,))
     assert len(result.decisions) == 7 and all(d.folded for d in result.decisions), result.decisions
-    assert {d.name: d.target for d in result.decisions}["layer.0.downsample.1"] == "layer.0.downsample.0"
+    assert {d.name: d.target for d in result.decisions}[
+        "layer.0.downsample.1"
+    ] == "layer.0.downsample.0"
     assert type(result.module) is TinyResNet and type(result.module.layer[0]) is BasicBlock
     assert not bns_in(result.module)
     assert result.verification
@@ -401,7 +435,9 @@ def test_untraceable_forward_folds_what_it_can_reach_and_says_what_it_cannot():
     result = fold(model, (x,))
     by_name = {d.name: d for d in result.decisions}
     assert by_name["block.1"].folded
-    assert by_name["bn"].reason is SkipReason.NOT_TRACEABLE and "DataDependent" in by_name["bn"].detail
+    assert (
+        by_name["bn"].reason is SkipReason.NOT_TRACEABLE and "DataDependent" in by_name["bn"].detail
+    )
     assert type(result.module) is DataDependent and isinstance(result.module.bn, nn.BatchNorm2d)
     with torch.no_grad():
         assert_close(result.module(x), model(x))
@@ -516,8 +552,13 @@ def test_bn_shared_by_two_convs_folds_into_two_private_copies():
 
 # --------------------------------------------------------------------------------------- refusals
 def test_training_mode_is_refused(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # a fresh module is in training mode
-    for call in (lambda: bt.fold_module(model), lambda: bt.export(model, torch.zeros(1, 3, 5, 5), tmp_path / "o.onnx")):
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    )  # a fresh module is in training mode
+    for call in (
+        lambda: bt.fold_module(model),
+        lambda: bt.export(model, torch.zeros(1, 3, 5, 5), tmp_path / "o.onnx"),
+    ):
         with pytest.raises(bt.TrainingModeError, match=r"training mode.*model\.eval\(\)") as info:
             call()
         assert isinstance(info.value, BnfoldError) and info.value.exit_code == 2
@@ -539,14 +580,27 @@ def test_batchnorm_without_running_stats_is_refused():
 # --------------------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_modules_fold_in_float64_and_round_once(dtype):
-    model = randomize_bns(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                        nn.Flatten(), nn.Linear(8 * 16, 6), nn.BatchNorm1d(6))).to(dtype)
+    model = randomize_bns(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 16, 6),
+            nn.BatchNorm1d(6),
+        )
+    ).to(dtype)
     x = x_like(4, 3, 4, 4, dtype=dtype)
     result = fold(model, (x,))
     assert all(d.folded for d in result.decisions) and result.verification, result.verification
     conv, bn = model[0], model[1]
-    s, t = numerics.bn_scale_shift(*(p.detach().double().numpy() for p in
-                                     (bn.weight, bn.bias, bn.running_mean, bn.running_var)), bn.eps)
+    s, t = numerics.bn_scale_shift(
+        *(
+            p.detach().double().numpy()
+            for p in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        ),
+        bn.eps,
+    )
     want_w = conv.weight.detach().double().numpy() * s[:, None, None, None]
     want_b = conv.bias.detach().double().numpy() * s + t
     got = result.module[0]
@@ -561,9 +615,15 @@ def test_half_precision_modules_fold_in_float64_and_round_once(dtype):
 
 def test_float16_export_is_verified_and_bfloat16_export_says_why_not(tmp_path):
     model = randomize_bns(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
-    half = bt.export(copy.deepcopy(model).half(), x_like(1, 3, 6, 6, dtype=torch.float16), tmp_path / "h.onnx")
+    half = bt.export(
+        copy.deepcopy(model).half(), x_like(1, 3, 6, 6, dtype=torch.float16), tmp_path / "h.onnx"
+    )
     assert half and half.verification and half.verification.outputs[0].dtype == "float16"
-    bf16 = bt.export(copy.deepcopy(model).bfloat16(), x_like(1, 3, 6, 6, dtype=torch.bfloat16), tmp_path / "b.onnx")
+    bf16 = bt.export(
+        copy.deepcopy(model).bfloat16(),
+        x_like(1, 3, 6, 6, dtype=torch.bfloat16),
+        tmp_path / "b.onnx",
+    )
     # ONNX Runtime's CPU provider has no bfloat16 Conv: verification is skipped (and says so), not failed.
     assert bf16.verification.skipped_reason and "ONNX Runtime" in bf16.verification.skipped_reason
     assert bf16 and bf16.report.written and all(d.folded for d in bf16.decisions)
@@ -573,7 +633,9 @@ def test_float16_export_is_verified_and_bfloat16_export_says_why_not(tmp_path):
 def test_export_writes_nothing_when_verification_fails(tmp_path):
     model = randomize_bns(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
     out = tmp_path / "o.onnx"
-    result = bt.export(model, x_like(2, 3, 6, 6), out, atol=0.0, rtol=0.0)  # no rounding difference allowed
+    result = bt.export(
+        model, x_like(2, 3, 6, 6), out, atol=0.0, rtol=0.0
+    )  # no rounding difference allowed
     assert not result and not result.report.written and not out.exists()
     assert result.report.verification_failed
     assert list(tmp_path.iterdir()) == []  # no staging leftovers
@@ -591,7 +653,9 @@ def test_export_names_and_static_batch(tmp_path):
 
     model = randomize_bns(TwoInOut())
     out = tmp_path / "o.onnx"
-    result = bt.export(model, (x_like(3, 2, 9), x_like(3, 4)), out, output_names=["y", "m"], dynamic_batch=False)
+    result = bt.export(
+        model, (x_like(3, 2, 9), x_like(3, 4)), out, output_names=["y", "m"], dynamic_batch=False
+    )
     assert result and [o.name for o in result.verification.outputs] == ["y", "m"]
     graph = onnx.load(str(out)).graph
     assert [i.name for i in graph.input] == ["signal", "offset"]
@@ -601,8 +665,15 @@ def test_export_names_and_static_batch(tmp_path):
 
 # --------------------------------------------------------------------------------------- files (the CLI's path)
 def _small_model() -> nn.Module:
-    return randomize_bns(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                       nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
+    return randomize_bns(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 4, 1),
+            nn.BatchNorm2d(4),
+        )
+    )
 
 
 def test_exported_program_file(tmp_path):
@@ -620,7 +691,10 @@ def test_exported_program_file(tmp_path):
     with torch.no_grad():
         assert_close(torch.from_numpy(got), model(x))
     # Shapes that contradict the program: one line naming the input and what it expects.
-    with pytest.raises(UsageError, match=r"input shape for 'input' has 4 in dimension 1 but .* expects \[2, 3, 8, 8\]"):
+    with pytest.raises(
+        UsageError,
+        match=r"input shape for 'input' has 4 in dimension 1 but .* expects \[2, 3, 8, 8\]",
+    ):
         bt.fold_file(pt2, out, input_shapes={"input": (2, 4, 8, 8)})
     with pytest.raises(UsageError, match="'y', which is not an input .* 'input'"):
         bt.fold_file(pt2, out, input_shapes={"y": (2, 3, 8, 8)})
@@ -661,7 +735,9 @@ def test_pickled_module_needs_explicit_trust(tmp_path):
     torch.save(model, str(path))
     with pytest.raises(UsageError, match="runs code from the file.*--trust-pickle"):
         bt.fold_file(path, tmp_path / "o.onnx", input_shapes={"input": (1, 3, 8, 8)})
-    result = bt.fold_file(path, tmp_path / "o.onnx", input_shapes={"input": (1, 3, 8, 8)}, trust_pickle=True)
+    result = bt.fold_file(
+        path, tmp_path / "o.onnx", input_shapes={"input": (1, 3, 8, 8)}, trust_pickle=True
+    )
     assert result and all(d.folded for d in result.decisions)
 
 
@@ -670,7 +746,9 @@ def test_state_dict_is_explained(tmp_path, trust):
     model = _small_model()
     path = tmp_path / "weights.pth"
     torch.save(model.state_dict(), str(path))
-    with pytest.raises(InvalidModelError, match=r"state_dict .*no architecture.*bnfold\.torch\.fold_module") as info:
+    with pytest.raises(
+        InvalidModelError, match=r"state_dict .*no architecture.*bnfold\.torch\.fold_module"
+    ) as info:
         bt.load_torch_file(path, trust_pickle=trust)
     assert "\n" not in str(info.value)
     torch.save({"model": model.state_dict(), "epoch": 3}, str(path))
@@ -690,14 +768,21 @@ def test_not_a_torch_file(tmp_path):
 
 
 def test_pytorch_skip_reasons_are_explained():
-    for reason in (SkipReason.NOT_TRACEABLE, SkipReason.NOT_CALLED, SkipReason.MODULE_REUSED,
-                   SkipReason.UNKNOWN_LAYOUT, SkipReason.HAS_HOOKS):
+    for reason in (
+        SkipReason.NOT_TRACEABLE,
+        SkipReason.NOT_CALLED,
+        SkipReason.MODULE_REUSED,
+        SkipReason.UNKNOWN_LAYOUT,
+        SkipReason.HAS_HOOKS,
+    ):
         assert reason.explanation.strip()
 
 
 def test_import_bnfold_does_not_import_torch():
-    code = ("import sys, bnfold, bnfold.api, bnfold.report, bnfold.torch; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, bnfold, bnfold.api, bnfold.report, bnfold.torch; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -708,7 +793,9 @@ def test_cli_folds_pytorch_files_and_refuses_unsafe_ones(tmp_path):
 
     from bnfold.cli import app
 
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+    ).eval()
     with torch.no_grad():
         m[1].running_mean.uniform_(-1, 1)
         m[1].running_var.uniform_(0.5, 2.0)
@@ -725,6 +812,17 @@ def test_cli_folds_pytorch_files_and_refuses_unsafe_ones(tmp_path):
     state = run(app, ["fold", str(tmp_path / "state.pt"), "-o", str(tmp_path / "s.onnx")])
     assert state.exit_code == 2 and "state_dict" in state.stderr
     assert not (tmp_path / "p.onnx").exists() and not (tmp_path / "s.onnx").exists()
-    trusted = run(app, ["fold", str(tmp_path / "pickled.pt"), "-o", str(tmp_path / "p.onnx"), "--trust-pickle",
-                        "--input-shape", "input=1,3,16,16", "-q"])
+    trusted = run(
+        app,
+        [
+            "fold",
+            str(tmp_path / "pickled.pt"),
+            "-o",
+            str(tmp_path / "p.onnx"),
+            "--trust-pickle",
+            "--input-shape",
+            "input=1,3,16,16",
+            "-q",
+        ],
+    )
     assert trusted.exit_code == 0, trusted.output
