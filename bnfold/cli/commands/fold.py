@@ -100,11 +100,34 @@ def fold(
     if single:
         model = inputs[0][0]
         _fold_one(model, output if output is not None else default_output(model), options, out)
-    tasks = [
-        (src, (output_dir / rel) if output_dir is not None else default_output(src))
-        for src, rel in inputs
-    ]
-    _fold_batch(tasks, jobs, options, out)
+    _fold_batch(_batch_tasks(inputs, output_dir), jobs, options, out)
+
+
+def _batch_tasks(
+    inputs: list[tuple[Path, Path]], output_dir: Path | None
+) -> list[tuple[Path, Path]]:
+    """``[(input, output)]``: mirrored under ``output_dir`` (a PyTorch file's output is named
+    ``.onnx``), else next to each input. Two inputs never share one output."""
+    from bnfold.batch import is_torch_input
+    from bnfold.errors import UsageError
+
+    tasks: list[tuple[Path, Path]] = []
+    taken: dict[Path, Path] = {}
+    for src, rel in inputs:
+        if output_dir is None:
+            dst = default_output(src)
+        elif is_torch_input(src):
+            dst = output_dir / rel.with_name(rel.stem + ".onnx")
+        else:
+            dst = output_dir / rel
+        key = dst.resolve()
+        if key in taken:
+            raise UsageError(
+                f"{taken[key]} and {src} would both be written to the same output {dst}"
+            )
+        taken[key] = src
+        tasks.append((src, dst))
+    return tasks
 
 
 class _Output:
