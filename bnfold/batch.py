@@ -250,13 +250,16 @@ class CheckResult:
 def check_model(
     path: str | os.PathLike,
     *,
+    allow: int = 0,
     allow_nodes: Sequence[str] = (),
     against: str | os.PathLike | None = None,
     verify_options: dict[str, Any] | None = None,
 ) -> CheckResult:
     """Read-only gate: fold a copy in memory (nothing is written) and list the BNs that folded.
 
-    With ``against`` (the original model), also verify ``path`` against it under ONNX Runtime.
+    It passes while at most ``allow`` foldable BNs remain (besides those in ``allow_nodes``). With
+    ``against`` (the original model), also verify ``path`` against it under ONNX Runtime; a
+    failed verification fails the check whatever ``allow`` says.
     """
     from . import io as _io
     from .api import fold_model
@@ -268,13 +271,13 @@ def check_model(
     except BnfoldError as exc:
         result.error, result.exit_code = str(exc), exc.exit_code
         return result
-    allow = set(allow_nodes)
+    allowed_names = set(allow_nodes)
     result.batchnorms = len(decisions)
     for d in decisions:
         entry = d.to_dict()
         if not d.folded:
             result.kept.append(entry)
-        elif d.name in allow:
+        elif d.name in allowed_names:
             result.allowed.append(entry)
         else:
             result.foldable.append(entry)
@@ -291,5 +294,5 @@ def check_model(
         and not result.verification
         and not (result.verification.skipped_reason)
     )
-    result.exit_code = 1 if (result.foldable or failed_verification) else 0
+    result.exit_code = 1 if (len(result.foldable) > allow or failed_verification) else 0
     return result

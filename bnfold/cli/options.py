@@ -173,3 +173,92 @@ VerboseOpt = Annotated[
     bool,
     typer.Option("-v", "--verbose", help="List every BatchNormalization, also on big models."),
 ]
+
+# --- bnfold check ---------------------------------------------------------------------------------
+AllowOpt = Annotated[
+    int,
+    typer.Option(
+        "--allow",
+        min=0,
+        envvar="BNFOLD_ALLOW",
+        help="Pass while at most N foldable BatchNorms remain per model.",
+    ),
+]
+AllowNodeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-node",
+        metavar="NAME",
+        help="A BatchNormalization kept on purpose (repeatable); it never fails the check.",
+    ),
+]
+AgainstOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--against",
+        metavar="ORIGINAL",
+        help="Also verify the (single) model against ORIGINAL, as 'bnfold verify' does.",
+    ),
+]
+
+# --- bnfold verify ------------------------------------------------------------------------------
+TolOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tol", metavar="OUTPUT=ATOL,RTOL", help="Tolerances for one output (repeatable)."
+    ),
+]
+LocalizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--localize",
+        help="When outputs differ, find the first intermediate tensor (shared by name) that diverges and name its node.",
+    ),
+]
+
+# --- bnfold bench -------------------------------------------------------------------------------
+RunsOpt = Annotated[
+    int | None,
+    typer.Option("--runs", min=1, help="Timed runs per model per level (default 200)."),
+]
+SecondsOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--seconds",
+        min=0.01,
+        help="Time budget of the timed runs per level, all models together.",
+    ),
+]
+WarmupOpt = Annotated[
+    int, typer.Option("--warmup", min=0, help="Untimed runs per model per level first.")
+]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        min=0,
+        help="ORT intra-op threads (0: ORT's default). 1 gives the most repeatable numbers.",
+    ),
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help="First dimension of inputs whose batch dimension is dynamic.",
+    ),
+]
+ProviderOpt = Annotated[
+    str,
+    typer.Option(
+        "--provider", help="Execution provider: cpu, cuda, tensorrt or an ORT provider name."
+    ),
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        metavar="FILE.png",
+        help="Draw the latency distributions (needs matplotlib: pip install 'bnfold[plot]').",
+    ),
+]

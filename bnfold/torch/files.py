@@ -167,7 +167,20 @@ def load_torch_file(
         )
         return TorchSource(module, args, names, "torchscript", path)
 
-    # torch.save: a pickle (zip or legacy)
+    obj = _load_pickled(path, trust_pickle)
+    if not isinstance(obj, torch.nn.Module):
+        raise _state_dict_error(path, _describe_loaded(obj))
+    names = _forward_arg_names(obj, _n_required_args(obj))
+    dtype = _module_float_dtype(obj)
+    args = _inputs_from_shapes(
+        path, "a pickled module", names, given, {}, {n: dtype for n in names}
+    )
+    return TorchSource(obj, args, names, "pickled_module", path)
+
+
+def _load_pickled(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` a ``torch.save`` file: weights only, unless the user trusts the file."""
+    torch = _import_torch()
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses any class it does not know
@@ -191,14 +204,7 @@ def load_torch_file(
             ) from None
         except Exception as exc2:
             raise InvalidModelError(f"{path}: torch.load failed: {_first_line(exc2)}") from None
-    if not isinstance(obj, torch.nn.Module):
-        raise _state_dict_error(path, _describe_loaded(obj))
-    names = _forward_arg_names(obj, _n_required_args(obj))
-    dtype = _module_float_dtype(obj)
-    args = _inputs_from_shapes(
-        path, "a pickled module", names, given, {}, {n: dtype for n in names}
-    )
-    return TorchSource(obj, args, names, "pickled_module", path)
+    return obj
 
 
 def _refused_by_weights_only(exc: BaseException) -> bool:

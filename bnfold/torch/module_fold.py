@@ -145,15 +145,7 @@ def fold_module(
         NoRunningStatsError: a BatchNorm was built with ``track_running_stats=False``.
         UsageError: not an eager ``nn.Module``, bad ``example_inputs``, or the module fails to run.
     """
-    opts = FoldOptions.from_keywords(
-        options, verify=verify, atol=atol, rtol=rtol, seed=seed, strict=strict
-    )
-    opts.refuse(
-        ("lower_remaining", "duplicate_shared", "external_data", "bench", "input_shapes", "opset")
-        + ("trust_pickle",),
-        "bnfold.torch.fold_module",
-        "it folds the module itself and writes no ONNX file; use bnfold.torch.export for those",
-    )
+    opts = _module_options(options, verify=verify, atol=atol, rtol=rtol, seed=seed, strict=strict)
     _check_foldable(module)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -169,14 +161,7 @@ def fold_module(
     run, reference = _counted_run(work, feeds)
     timings["run"] = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    paths = {id(m): name for name, m in work.named_modules()}
-    scopes = _discover(work, paths)
-    timings["trace"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    decisions, result_module = _fold_scopes(work, scopes, paths, run, rewrite=rewrite)
-    timings["fold"] = time.perf_counter() - t2
+    decisions, result_module = _trace_and_fold(work, run, rewrite, timings)
 
     report = FoldReport(
         decisions=decisions,
@@ -193,6 +178,32 @@ def fold_module(
         timings["verify"] = time.perf_counter() - t3
     report.timings = timings
     return ModuleFoldResult(module=result_module, report=report)
+
+
+def _module_options(options: FoldOptions | None, **keywords: Any) -> FoldOptions:
+    """The options that apply to a module; the ONNX-only ones are refused, not ignored."""
+    opts = FoldOptions.from_keywords(options, **keywords)
+    opts.refuse(
+        ("lower_remaining", "duplicate_shared", "external_data", "bench", "input_shapes", "opset")
+        + ("trust_pickle",),
+        "bnfold.torch.fold_module",
+        "it folds the module itself and writes no ONNX file; use bnfold.torch.export for those",
+    )
+    return opts
+
+
+def _trace_and_fold(
+    work: Any, run: _Run | None, rewrite: bool, timings: dict[str, float]
+) -> tuple[list[BNDecision], Any]:
+    """Trace what torch.fx can trace, then decide and apply every fold."""
+    t1 = time.perf_counter()
+    paths = {id(m): name for name, m in work.named_modules()}
+    scopes = _discover(work, paths)
+    timings["trace"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    decisions, result_module = _fold_scopes(work, scopes, paths, run, rewrite=rewrite)
+    timings["fold"] = time.perf_counter() - t2
+    return decisions, result_module
 
 
 def _check_foldable(module: Any) -> None:

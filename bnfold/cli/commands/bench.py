@@ -15,7 +15,20 @@ from bnfold.cli._shared import (
     write_json,
     write_markdown,
 )
-from bnfold.cli.options import InputShapeOpt, JsonOpt, LevelsOpt, MarkdownOpt, SeedOpt
+from bnfold.cli.options import (
+    BatchSizeOpt,
+    InputShapeOpt,
+    JsonOpt,
+    LevelsOpt,
+    MarkdownOpt,
+    PlotOpt,
+    ProviderOpt,
+    RunsOpt,
+    SecondsOpt,
+    SeedOpt,
+    ThreadsOpt,
+    WarmupOpt,
+)
 
 
 def bench(
@@ -26,55 +39,17 @@ def bench(
         ),
     ],
     level: LevelsOpt = None,
-    runs: Annotated[
-        int | None,
-        typer.Option("--runs", min=1, help="Timed runs per model per level (default 200)."),
-    ] = None,
-    seconds: Annotated[
-        float | None,
-        typer.Option(
-            "--seconds",
-            min=0.01,
-            help="Time budget of the timed runs per level, all models together.",
-        ),
-    ] = None,
-    warmup: Annotated[
-        int, typer.Option("--warmup", min=0, help="Untimed runs per model per level first.")
-    ] = 10,
-    threads: Annotated[
-        int,
-        typer.Option(
-            "--threads",
-            min=0,
-            help="ORT intra-op threads (0: ORT's default). 1 gives the most repeatable numbers.",
-        ),
-    ] = 1,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            min=1,
-            help="First dimension of inputs whose batch dimension is dynamic.",
-        ),
-    ] = None,
+    runs: RunsOpt = None,
+    seconds: SecondsOpt = None,
+    warmup: WarmupOpt = 10,
+    threads: ThreadsOpt = 1,
+    batch_size: BatchSizeOpt = None,
     input_shape: InputShapeOpt = None,
-    provider: Annotated[
-        str,
-        typer.Option(
-            "--provider", help="Execution provider: cpu, cuda, tensorrt or an ORT provider name."
-        ),
-    ] = "cpu",
+    provider: ProviderOpt = "cpu",
     seed: SeedOpt = 0,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
-    plot_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot",
-            metavar="FILE.png",
-            help="Draw the latency distributions (needs matplotlib: pip install 'bnfold[plot]').",
-        ),
-    ] = None,
+    plot_file: PlotOpt = None,
 ) -> None:
     """Time models under ONNX Runtime, interleaved (A B B A ...), and report each one's latency and its ratio to the first with a bootstrap confidence interval.
 

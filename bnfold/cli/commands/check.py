@@ -15,6 +15,9 @@ from bnfold.cli._shared import (
     write_markdown,
 )
 from bnfold.cli.options import (
+    AgainstOpt,
+    AllowNodeOpt,
+    AllowOpt,
     AtolOpt,
     InputShapeOpt,
     JsonOpt,
@@ -32,31 +35,9 @@ def check(
             help="ONNX model(s) to check: files, directories or glob patterns.", show_default=False
         ),
     ],
-    allow: Annotated[
-        int,
-        typer.Option(
-            "--allow",
-            min=0,
-            envvar="BNFOLD_ALLOW",
-            help="Pass while at most N foldable BatchNorms remain per model.",
-        ),
-    ] = 0,
-    allow_node: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-node",
-            metavar="NAME",
-            help="A BatchNormalization kept on purpose (repeatable); it never fails the check.",
-        ),
-    ] = None,
-    against: Annotated[
-        Path | None,
-        typer.Option(
-            "--against",
-            metavar="ORIGINAL",
-            help="Also verify the (single) model against ORIGINAL, as 'bnfold verify' does.",
-        ),
-    ] = None,
+    allow: AllowOpt = 0,
+    allow_node: AllowNodeOpt = None,
+    against: AgainstOpt = None,
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
@@ -73,8 +54,7 @@ def check(
     """
     from bnfold.batch import check_model, expand_inputs
     from bnfold.compare import parse_input_shapes
-    from bnfold.errors import UsageError
-    from bnfold.report import check_markdown, render_check
+    from bnfold.errors import BnfoldError, UsageError
 
     shapes = parse_input_shapes(input_shape or [])
     inputs = expand_inputs(models)
@@ -86,31 +66,27 @@ def check(
         check_model_path(against)
     verify_options = dict(input_shapes=shapes or None, seed=seed, atol=atol, rtol=rtol)
     console = console_for(json_out == "-")
-    results = []
-    for path, _ in inputs:
-        r = check_model(
-            path, allow_nodes=allow_node or (), against=against, verify_options=verify_options
+    results = [
+        check_model(
+            path,
+            allow=allow,
+            allow_nodes=allow_node or (),
+            against=against,
+            verify_options=verify_options,
         )
-        if (
-            r.exit_code == 1
-            and len(r.foldable) <= allow
-            and not (
-                r.verification is not None
-                and not r.verification
-                and not r.verification.skipped_reason
-            )
-        ):
-            r.exit_code = 0  # within --allow
-        results.append(r)
+        for path, _ in inputs
+    ]
     if len(results) == 1 and results[0].error and results[0].exit_code == 2:
-        from bnfold.errors import BnfoldError
+        raise BnfoldError(results[0].error)
+    _show(results, allow, console, json_out, markdown, quiet)
 
-        err = BnfoldError(results[0].error)
-        raise err
+
+def _show(results: list, allow: int, console, json_out, markdown, quiet: bool) -> None:  # noqa: ANN001
+    """--json, --markdown, the table and the PASSED/FAILED line; exit with the worst code."""
+    from bnfold.report import SCHEMA_VERSION, check_markdown, render_check
+
     exit_code = max(r.exit_code for r in results)
     if json_out:
-        from bnfold.report import SCHEMA_VERSION
-
         write_json(
             {
                 "schema_version": SCHEMA_VERSION,

@@ -22,12 +22,14 @@ from bnfold.cli.options import (
     DistOpt,
     InputShapeOpt,
     JsonOpt,
+    LocalizeOpt,
     MarkdownOpt,
     QuietOpt,
     RangeOpt,
     RtolOpt,
     SamplesOpt,
     SeedOpt,
+    TolOpt,
 )
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -46,20 +48,9 @@ def verify(
     value_range: RangeOpt = None,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
-    tol: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--tol", metavar="OUTPUT=ATOL,RTOL", help="Tolerances for one output (repeatable)."
-        ),
-    ] = None,
+    tol: TolOpt = None,
     seed: SeedOpt = 0,
-    localize: Annotated[
-        bool,
-        typer.Option(
-            "--localize",
-            help="When outputs differ, find the first intermediate tensor (shared by name) that diverges and name its node.",
-        ),
-    ] = False,
+    localize: LocalizeOpt = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     quiet: QuietOpt = False,
@@ -118,14 +109,18 @@ def verify(
     if not quiet:
         render_verification(result, console, title=f"{reference} vs {candidate}")
         if located is not None:
-            console.print(
-                ("[red]" if located else "") + located.describe() + ("[/]" if located else ""),
-                markup=bool(located),
-            )
-            if located.divergence is not None and located.divergence.candidate_chain:
-                chain = " → ".join(str(p) for p in located.divergence.candidate_chain)
-                console.print(
-                    f"  candidate nodes since the last matching tensor: {chain}", markup=False
-                )
+            _render_localized(located, console)
     console.print("[bold green]PASSED[/]" if passed else "[bold red]FAILED[/]")
     raise typer.Exit(EXIT_OK if passed else EXIT_FAILED)
+
+
+def _render_localized(located, console) -> None:  # noqa: ANN001 - LocalizeResult, rich Console
+    """The first diverging tensor (red when found) and the candidate's nodes since the last match.
+
+    Node and tensor names come from the models: printed as plain text, never as rich markup."""
+    from rich.text import Text
+
+    console.print(Text(located.describe(), style="red" if located else ""))
+    if located.divergence is not None and located.divergence.candidate_chain:
+        chain = " → ".join(str(p) for p in located.divergence.candidate_chain)
+        console.print(f"  candidate nodes since the last matching tensor: {chain}", markup=False)
