@@ -29,7 +29,7 @@ from bnfold.reasons import Refusal, SkipReason
 from bnfold.report import BNDecision
 
 from .common import FLOAT_DTYPES, STD, attr, bias_name, is_constish, node_label, op_name, rank
-from .constants import Const, gemm_operands, weight
+from .constants import Const, weight
 from .context import FoldContext
 from .rewiring import append_add, bypass, duplicate, set_input
 from .shapes import rank_of
@@ -155,6 +155,24 @@ def fold_conv(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> 
     set_input(ctx, node, 2, new_bias)
     created = "bias created" if b is None else "bias updated"
     return node, f"weight scaled along {axis_desc}; {created}", node.outputs[0]
+
+
+def gemm_operands(
+    ctx: FoldContext, node: ir.Node, label: str
+) -> tuple[bool, float, float, Const, ir.Value | None, Const | None]:
+    """(transB, alpha, beta, constant B, C value, constant C or None) of a Gemm, for either fold
+    direction; refuses when B or C is not a usable constant."""
+    if len(node.inputs) < 2:
+        raise Refusal(SkipReason.INVALID_PARAMS, f"{label} needs 2 inputs")
+    trans_b = bool(attr(node, "transB", 0))
+    alpha = float(attr(node, "alpha", 1.0))
+    beta = float(attr(node, "beta", 1.0))
+    bw = weight(ctx, node.inputs[1], "Gemm B")
+    c_v = node.inputs[2] if len(node.inputs) > 2 else None
+    c = weight(ctx, c_v, "Gemm C") if c_v is not None else None
+    if len(bw.shape) != 2:
+        raise Refusal(SkipReason.SHAPE_MISMATCH, f"Gemm B has shape {list(bw.shape)}")
+    return trans_b, alpha, beta, bw, c_v, c
 
 
 def fold_gemm(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> Folded:

@@ -402,21 +402,3 @@ _EVALUATORS: dict[str, Callable[[_Eval], Const]] = {
     "Mul": _binary,
     "Div": _binary,
 }
-
-
-def gemm_operands(
-    ctx: FoldContext, node: ir.Node, label: str
-) -> tuple[bool, float, float, Const, ir.Value | None, Const | None]:
-    """(transB, alpha, beta, constant B, C value, constant C or None) of a Gemm, for either fold
-    direction; refuses when B or C is not a usable constant."""
-    if len(node.inputs) < 2:
-        raise Refusal(SkipReason.INVALID_PARAMS, f"{label} needs 2 inputs")
-    trans_b = bool(attr(node, "transB", 0))
-    alpha = float(attr(node, "alpha", 1.0))
-    beta = float(attr(node, "beta", 1.0))
-    bw = weight(ctx, node.inputs[1], "Gemm B")
-    c_v = node.inputs[2] if len(node.inputs) > 2 else None
-    c = weight(ctx, c_v, "Gemm C") if c_v is not None else None
-    if len(bw.shape) != 2:
-        raise Refusal(SkipReason.SHAPE_MISMATCH, f"Gemm B has shape {list(bw.shape)}")
-    return trans_b, alpha, beta, bw, c_v, c

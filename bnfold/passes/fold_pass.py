@@ -116,9 +116,9 @@ def _process(ctx: FoldContext, graph: ir.Graph) -> None:
             if affine is not None and ctx.lower_remaining:
                 to_lower.append((len(ctx.decisions) - 1, node, affine))
         elif node.op_type in AFFINE_OPS and node.domain in STD:
-            decision = try_decomposed(ctx, node, scope)
-            if decision is not None:
-                ctx.decisions.append(decision)
+            decomposed = try_decomposed(ctx, node, scope)
+            if decomposed is not None:
+                ctx.decisions.append(decomposed)
     for index, bn, (s, t) in to_lower:
         if bn.graph is graph:
             ctx.decisions[index] = lower(ctx, bn, s, t, ctx.decisions[index])

@@ -27,8 +27,9 @@ import onnx_ir as ir
 from bnfold import numerics
 from bnfold.reasons import Refusal, SkipReason
 
+from .backward import gemm_operands
 from .common import FLOAT_DTYPES, STD, attr, bias_name, dims_str, node_label, str_attr
-from .constants import Const, gemm_operands, weight
+from .constants import Const, weight
 from .context import FoldContext
 from .rewiring import append_add, set_input
 from .shapes import rank_of, shape_of
