@@ -78,6 +78,7 @@ from bnfold import _ort
 from bnfold import io as _io
 from bnfold.compare import OutputComparison, check_tolerance, compare_outputs, make_inputs
 from bnfold.errors import InvalidModelError, UsageError
+from bnfold.render.text import inert
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Divergence", "LocalizeResult", "Producer", "localize"]
 
@@ -444,7 +445,7 @@ def localize(
             input_shapes=search.used_shapes,
             seconds=time.perf_counter() - started,
         )
-        logger.info("localize: %s", outcome.describe())
+        logger.info("localize: %s", inert(outcome.describe()))
         return outcome
 
     work = Path(tempfile.mkdtemp(prefix="bnfold-localize-"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import onnx
 import pytest
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 from bnfold.batch import BatchItem, BatchResult, CheckResult
 from bnfold.cli import app
 from bnfold.compare import OutputComparison, VerificationResult
+from bnfold.latency import bench
 from bnfold.render.console import (
     batch_progress_line,
     make_console,
@@ -378,3 +380,17 @@ def test_batch_cli_with_a_workflow_command_in_a_file_name(tmp_path):
     assert result.exit_code == 0, result.output
     assert_no_raw_escape(result.output)
     assert not any(line.startswith("::") for line in result.output.splitlines())
+
+
+# --- logs ------------------------------------------------------------------------------------------
+
+
+def test_log_lines_hold_no_control_characters_from_model_labels(caplog):
+    sample = Path(__file__).resolve().parent.parent / "sample_models" / "cnn1d.onnx"
+    labels = [WORKFLOW, f"b{CSI_CLEAR}{OSC_TITLE}"]
+    with caplog.at_level("INFO", logger="bnfold"):
+        bench([sample, sample], labels=labels, levels="disable", runs=2, warmup=0, sessions=1)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("bnfold")]
+    assert any("x\\n::error" in m for m in messages)
+    for message in messages:
+        assert "\n" not in message and "\x1b" not in message and "\x07" not in message

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from bnfold import _ort
+from bnfold._text import first_line as _first_line
 from bnfold._text import format_shape as _format_shape
 from bnfold._text import is_fixed as _is_fixed
 from bnfold.errors import InputNotFoundError, UsageError
@@ -211,9 +212,7 @@ def _load_npy(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise UsageError(
-            f"{path}: not a .npy array ({str(exc).splitlines()[0] if str(exc) else exc})"
-        ) from None
+        raise UsageError(f"{path}: not a .npy array ({_first_line(exc)})") from None
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
@@ -223,6 +222,4 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError) as exc:
-        raise UsageError(
-            f"{path}: not a .npz archive ({str(exc).splitlines()[0] if str(exc) else exc})"
-        ) from None
+        raise UsageError(f"{path}: not a .npz archive ({_first_line(exc)})") from None

@@ -15,6 +15,7 @@ import numpy as np
 
 from bnfold import _ort
 from bnfold.errors import InputNotFoundError, InvalidModelError, UsageError
+from bnfold.render.text import inert
 
 from .inputs import _InputSpec, make_inputs
 from .statistics import OutputComparison, _Accumulator, check_tolerance, default_tolerances
@@ -360,13 +361,13 @@ def _interface_mismatch(
 
 def _log_outcome(outcome: VerificationResult) -> None:
     if outcome.skipped_reason:
-        logger.warning("verification skipped: %s", outcome.skipped_reason)
+        logger.warning("verification skipped: %s", inert(outcome.skipped_reason))
     elif outcome.message:
-        logger.info("verification failed: %s", outcome.message)
+        logger.info("verification failed: %s", inert(outcome.message))
     for output in outcome.outputs:
         logger.info(
-            "output %r %s: max abs %.3g, max rel %.3g, %d/%d mismatched (atol=%g, rtol=%g)",
-            output.name,
+            "output %s %s: max abs %.3g, max rel %.3g, %d/%d mismatched (atol=%g, rtol=%g)",
+            inert(repr(output.name)),
             "passed" if output.passed else "FAILED",
             output.max_abs_error,
             output.max_rel_error,

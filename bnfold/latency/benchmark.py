@@ -12,6 +12,7 @@ from typing import Any
 from bnfold import _ort
 from bnfold.compare.inputs import parse_input_shapes
 from bnfold.errors import UsageError
+from bnfold.render.text import inert
 
 from .results import (
     DEFAULT_LEVELS,
@@ -243,7 +244,7 @@ def _level_entries(plan: _Plan, measured: _Level) -> list[ModelBench]:
         logger.info(
             "%s at %s: median %.4g ms (p90 %.4g, p99 %.4g, n=%d, %d sessions), "
             "session creation %.4g ms, first run %.4g ms",
-            e.model,
+            inert(e.model),
             measured.level,
             st.median_ms,
             st.p90_ms,
@@ -281,8 +282,8 @@ def _level_ratios(plan: _Plan, measured: _Level, entries: list[ModelBench]) -> l
         )
         logger.info(
             "%s vs %s at %s: %.4f (%.4f-%.4f), %s",
-            plan.names[i],
-            plan.names[0],
+            inert(plan.names[i]),
+            inert(plan.names[0]),
             measured.level,
             ratio,
             low,

@@ -10,6 +10,7 @@ import numpy as np
 
 from bnfold._text import format_ms as _ms
 from bnfold.errors import UsageError
+from bnfold.render.text import inert
 
 from .results import BenchResult
 
@@ -77,5 +78,5 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     figure.suptitle(f"bnfold bench: {result.provider}, {threads}, ABBA-interleaved runs")
     out = Path(path)
     figure.savefig(out, format="png", dpi=120)
-    logger.info("wrote latency plot %s", out)
+    logger.info("wrote latency plot %s", inert(out))
     return out

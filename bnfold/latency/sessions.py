@@ -16,6 +16,7 @@ from bnfold import _ort
 from bnfold._text import format_shape as _format_shape
 from bnfold._text import is_fixed as _is_fixed
 from bnfold.errors import BnfoldError, InputNotFoundError, InvalidModelError, UsageError
+from bnfold.render.text import inert
 
 logger = logging.getLogger("bnfold.latency")
 
@@ -91,7 +92,7 @@ def _warm_up_runtime(providers: list[str], threads: int | None) -> None:
         )
         _ort.run(session, {"x": np.ones((1, 1, 2, 2), np.float32)})
     except Exception as exc:  # the real models will say what is wrong, with their names
-        logger.debug("ONNX Runtime warm-up failed: %s", exc)
+        logger.debug("ONNX Runtime warm-up failed: %s", inert(exc))
 
 
 def _shapes_with_batch(
