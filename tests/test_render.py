@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from bnfold.batch import BatchItem, BatchResult, CheckResult
 from bnfold.cli import app
 from bnfold.compare import OutputComparison, VerificationResult
+from bnfold.divergence import Divergence, LocalizeResult, Producer
 from bnfold.latency import bench
 from bnfold.render.console import (
     batch_progress_line,
@@ -29,6 +30,7 @@ from bnfold.render.console import (
     render,
     render_batch,
     render_check,
+    render_localize,
     render_verification,
 )
 from bnfold.render.markdown import (
@@ -231,6 +233,27 @@ def test_verification_renders_crafted_output_names_and_messages_literally():
     text = out.getvalue()
     assert_no_raw_escape(text)
     assert FAKE_PASSED in text and "ORT said:" in text
+
+
+def test_localize_renders_crafted_tensor_and_node_names_literally():
+    comparison = crafted_verification().outputs[1]
+    node = Producer(f"conv {CRAFTED}", "Conv")
+    divergence = Divergence(
+        tensor=f"t {CRAFTED}",
+        node=node.name,
+        op_type="Conv",
+        comparison=comparison,
+        checked=3,
+        reference_tensor=f"r {CLOSE_TAG}",
+        candidate_producer=node,
+        reference_producer=node,
+        candidate_chain=(node, Producer(WORKFLOW, "Relu")),
+    )
+    console, out = terminal_console()
+    render_localize(LocalizeResult(divergence, checked=3, shared=5), console)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue())
+    assert_inert_console_output(out.getvalue())
+    assert "\x1b" not in plain and FAKE_PASSED in plain and RICH_LINK in plain
 
 
 def test_batch_summary_and_progress_lines_cannot_start_a_workflow_command():
