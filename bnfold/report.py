@@ -152,23 +152,3 @@ class FoldReport:
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
         }
-
-
-# --- re-exported for bnfold/cli until the merge ------------------------------------------------------
-# The renderers live in bnfold/render/ (console.py, markdown.py). cli.py still imports them from
-# here; once cli imports them from bnfold.render.console / bnfold.render.markdown, delete this block.
-from .render.console import (  # noqa: E402, F401
-    render,
-    render_batch,
-    render_bench,
-    render_check,
-    render_verification,
-)
-from .render.markdown import (  # noqa: E402, F401
-    batch_markdown,
-    check_markdown,
-    fold_markdown,
-    verification_markdown,
-)
-
-# --- end of the temporary re-export block ------------------------------------------------------------

@@ -389,11 +389,6 @@ def test_fold_cli_with_crafted_node_names(crafted_model, tmp_path):
     assert_inert_markdown(md.read_text(), {"model": 7})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnfold/cli.py prints batch progress lines itself; it must use "
-    "bnfold.render.console.batch_progress_line (merge of the cli package)",
-)
 def test_batch_cli_with_a_workflow_command_in_a_file_name(tmp_path):
     models = tmp_path / "models"
     models.mkdir()

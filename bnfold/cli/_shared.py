@@ -9,14 +9,11 @@ from pathlib import Path
 
 
 def console_for(json_to_stdout: bool):
-    from rich.console import Console
+    """Human output goes to stderr when stdout carries JSON, so a pipeline can parse stdout; off a
+    terminal (CI logs) plain, unwrapped lines."""
+    from bnfold.render.console import make_console
 
-    # Human output goes to stderr when stdout carries JSON, so a pipeline can parse stdout.
-    console = Console(stderr=json_to_stdout, highlight=False)
-    if not console.is_terminal:
-        # CI logs: plain text (rich drops colours and control codes), wide enough for the tables.
-        console = Console(stderr=json_to_stdout, highlight=False, width=max(console.width, 120))
-    return console
+    return make_console(stderr=json_to_stdout)
 
 
 def write_json(payload: dict, dest: str) -> None:

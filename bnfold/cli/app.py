@@ -45,7 +45,9 @@ def _guard(func):
         except typer.Exit:
             raise
         except BnfoldError as exc:
-            print(f"bnfold: error: {exc}", file=sys.stderr)
+            from bnfold.render.text import inert
+
+            print(f"bnfold: error: {inert(str(exc))}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             print("bnfold: interrupted; nothing was written", file=sys.stderr)

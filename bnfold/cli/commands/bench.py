@@ -58,7 +58,8 @@ def bench(
     from bnfold.compare import parse_input_shapes
     from bnfold.latency import bench as run_bench
     from bnfold.latency import plot
-    from bnfold.report import render_bench
+    from bnfold.render.console import render_bench
+    from bnfold.render.text import inert
 
     shapes = parse_input_shapes(input_shape or [])
     for path in models:
@@ -86,4 +87,4 @@ def bench(
         write_markdown(result.to_markdown(), markdown)
     render_bench(result, console)
     if plot_file is not None:
-        console.print(f"Plot written to {plot_file}")
+        console.print(f"Plot written to {inert(str(plot_file))}", markup=False, highlight=False)

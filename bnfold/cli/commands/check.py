@@ -83,7 +83,9 @@ def check(
 
 def _show(results: list, allow: int, console, json_out, markdown, quiet: bool) -> None:  # noqa: ANN001
     """--json, --markdown, the table and the PASSED/FAILED line; exit with the worst code."""
-    from bnfold.report import SCHEMA_VERSION, check_markdown, render_check
+    from bnfold.render.console import render_check
+    from bnfold.render.markdown import check_markdown
+    from bnfold.report import SCHEMA_VERSION
 
     exit_code = max(r.exit_code for r in results)
     if json_out:

@@ -150,7 +150,8 @@ class _Output:
 def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> None:
     """One model: fold (and verify, write, time), render, exit with the report's code."""
     from bnfold.batch import fold_any
-    from bnfold.report import fold_markdown, render
+    from bnfold.render.console import render
+    from bnfold.render.markdown import fold_markdown
 
     with Progress(out.console, enabled=not out.quiet) as progress:
         result = fold_any(model, output, options, progress=progress)
@@ -168,24 +169,21 @@ def _fold_batch(
 ) -> None:
     """Fold several models; a summary table at the end; exit with the worst result."""
     from bnfold.batch import fold_many
-    from bnfold.report import batch_markdown, render_batch
+    from bnfold.render.console import batch_progress_line, render_batch
+    from bnfold.render.markdown import batch_markdown
+    from bnfold.render.text import inert_markup
 
     console, quiet = out.console, out.quiet
     bar = batch_bar(console, len(tasks)) if console.is_terminal and not quiet else None
 
     def on_done(item, done, n) -> None:  # noqa: ANN001 - BatchItem, int, int
         if bar is not None:
-            bar.update(
-                bar.task_ids[0], completed=done, description=f"folded {Path(item.input).name}"
-            )
+            name = inert_markup(Path(item.input).name)
+            bar.update(bar.task_ids[0], completed=done, description=f"folded {name}")
         elif not quiet:
             # Not a terminal (CI logs): one plain line per model, no control characters.
             console.print(
-                f"[{done}/{n}] {item.input}: {item.status}"
-                + (f" ({item.error})" if item.error else ""),
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
+                batch_progress_line(item, done, n), markup=False, highlight=False, soft_wrap=True
             )
 
     try:

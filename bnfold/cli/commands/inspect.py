@@ -35,7 +35,8 @@ def inspect(
     Exit codes: 0 inspected; 2 bad input or usage.
     """
     from bnfold.dryrun import inspect_model
-    from bnfold.report import fold_markdown, render
+    from bnfold.render.console import render
+    from bnfold.render.markdown import fold_markdown
 
     check_model_path(model)
     console = console_for(json_out == "-")

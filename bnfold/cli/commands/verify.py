@@ -60,7 +60,8 @@ def verify(
     Exit codes: 0 every output within tolerance (or the check could not run, which is reported); 1 some output differs or the candidate cannot run; 2 bad input or usage.
     """
     from bnfold.compare import load_input_data, parse_input_shapes, verify_models
-    from bnfold.report import render_verification, verification_markdown
+    from bnfold.render.console import render_verification
+    from bnfold.render.markdown import verification_markdown
 
     shapes = parse_input_shapes(input_shape or [])
     batches = load_input_data(data) if data else None
@@ -109,18 +110,8 @@ def verify(
     if not quiet:
         render_verification(result, console, title=f"{reference} vs {candidate}")
         if located is not None:
-            _render_localized(located, console)
+            from bnfold.render.console import render_localize
+
+            render_localize(located, console)
     console.print("[bold green]PASSED[/]" if passed else "[bold red]FAILED[/]")
     raise typer.Exit(EXIT_OK if passed else EXIT_FAILED)
-
-
-def _render_localized(located, console) -> None:  # noqa: ANN001 - LocalizeResult, rich Console
-    """The first diverging tensor (red when found) and the candidate's nodes since the last match.
-
-    Node and tensor names come from the models: printed as plain text, never as rich markup."""
-    from rich.text import Text
-
-    console.print(Text(located.describe(), style="red" if located else ""))
-    if located.divergence is not None and located.divergence.candidate_chain:
-        chain = " → ".join(str(p) for p in located.divergence.candidate_chain)
-        console.print(f"  candidate nodes since the last matching tensor: {chain}", markup=False)
