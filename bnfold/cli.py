@@ -124,7 +124,13 @@ def _guard(func):
         except KeyboardInterrupt:
             print("bnfold: interrupted; nothing was written", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except Exception:
+        except Exception as exc:
+            from .errors import resource_error
+
+            resource = resource_error(exc)  # MemoryError, failed mmap: the input's fault, exit 2
+            if resource is not None:
+                print(f"bnfold: error: {resource}", file=sys.stderr)
+                raise typer.Exit(resource.exit_code) from None
             import traceback
 
             traceback.print_exc()

@@ -1622,6 +1622,11 @@ def is_torch_file(path: str | os.PathLike) -> bool:
     return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)
 
 
+def _archive_is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4).startswith(_ZIP_MAGIC)
+
+
 def _archive_kind(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
@@ -1706,20 +1711,26 @@ def load_torch_file(
     torch = _import_torch()
     given = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
 
+    from . import archive, torch_safety  # issue 15: vet the archive before torch reads it
+
     if kind == "exported_program":
+        archive.check_pt2(path, trust_pickle=trust_pickle)
         try:
             ep = torch.export.load(str(path))
         except Exception as exc:
             raise InvalidModelError(
                 f"{path}: torch.export.load failed: {_first_line(exc)}"
             ) from None
+        torch_safety.check_exported_program(ep, str(path), trust=trust_pickle)
         return _from_exported_program(ep, path, given)
 
     if kind == "torchscript":
+        archive.check_torch_zip(path)
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise InvalidModelError(f"{path}: torch.jit.load failed: {_first_line(exc)}") from None
+        torch_safety.check_torchscript(module, str(path), trust=trust_pickle)
         names = _forward_arg_names(module, len(module.forward.schema.arguments) - 1)
         dtype = _module_float_dtype(module)
         args = _inputs_from_shapes(
@@ -1728,6 +1739,8 @@ def load_torch_file(
         return TorchSource(module, args, names, "torchscript", path)
 
     # torch.save: a pickle (zip or legacy)
+    if _archive_is_zip(path):
+        archive.check_torch_zip(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses any class it does not know
