@@ -154,11 +154,22 @@ def fold_any(model: str | os.PathLike, output: str | os.PathLike, **options: Any
 
 def _fold_one(task: tuple[str, str | None, dict[str, Any]]) -> BatchItem:
     """Worker: fold one model; never raises for the user's errors (they become the item's error)."""
+    from . import io as _io
+    from .errors import resource_error
+
     src, dst, options = task
+    options = dict(options)
+    protected = options.pop("_protected", frozenset())  # every input of the batch (issue 15)
     try:
-        result = fold_any(src, dst, **dict(options))
+        with _io.protecting(protected):
+            result = fold_any(src, dst, **options)
     except BnfoldError as exc:
         return BatchItem(src, dst, exc.exit_code, error=str(exc))
+    except Exception as exc:  # out of memory, a failed mmap: this model's error, exit 2
+        resource = resource_error(exc, src)
+        if resource is None:
+            raise
+        return BatchItem(src, dst, resource.exit_code, error=str(resource))
     report = result.report
     return BatchItem(src, dst, report.exit_code, report=report.to_dict())
 
@@ -173,8 +184,14 @@ def fold_many(
     """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``."""
     import time
 
+    from . import io as _io
+
     opts = dict(options or {})
     opts.pop("progress", None)  # a callback cannot cross processes
+    protected: set[Path] = set()
+    for src, _dst in tasks:  # no model's cleanup may remove another input (or its data)
+        protected |= _io.input_files(src)
+    opts["_protected"] = frozenset(protected)
     work = [(str(src), str(dst), opts) for src, dst in tasks]
     for _, dst, _ in work:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)

@@ -334,6 +334,7 @@ def fold(
         options.update(lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
     if trust_pickle:
         options["trust_pickle"] = True  # only PyTorch inputs take it
+    _check_reports(json_out, markdown)  # before any model is committed: exit 2 = nothing written
     console = _console(json_out == "-")
     if not single:
         _fold_batch(inputs, output_dir, jobs, options, console, json_out, markdown, quiet)
@@ -602,6 +603,21 @@ def _parse_tolerances(specs: list[str] | None) -> dict[str, tuple[float, float]]
             )
         out[name] = (atol, rtol)
     return out
+
+
+def _check_reports(json_out: str | None, markdown: Path | None) -> None:
+    """Every report destination must be writable before anything is written (issue 15)."""
+    import os
+
+    from .io import check_report_path
+
+    for target in (
+        json_out if json_out and json_out != "-" else None,
+        markdown,
+        os.environ.get("GITHUB_STEP_SUMMARY") or None,
+    ):
+        if target is not None:
+            check_report_path(target)
 
 
 def _write_markdown(text: str, dest: Path | None) -> None:
