@@ -94,7 +94,8 @@ def resource_error(exc: BaseException, where: str = "") -> ResourceError | None:
     text = str(exc).lower()
     if isinstance(exc, ValueError) and "mmap" in text:
         return ResourceError(f"{prefix}cannot memory-map the model's data ({str(exc)[:200]})")
-    if isinstance(exc, RuntimeError) and any(t in text for t in _ALLOCATION_TEXT):
+    engine = type(exc).__module__.startswith(("onnxruntime", "torch"))  # ORT's are no RuntimeError
+    if (isinstance(exc, RuntimeError) or engine) and any(t in text for t in _ALLOCATION_TEXT):
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return ResourceError(f"{prefix}out of memory ({first})")
     return None

@@ -1184,8 +1184,6 @@ class StagedOutput:
                 previous = _referenced_data(self.final)
                 published: Path | None = None
                 try:
-                    if self.data_name and not os.path.getsize(self._dir / self.data_name):
-                        self.data_name = None  # every tensor went inline: no data file to publish
                     if self.data_name:
                         name = self._fresh_data_name()
                         if name != self.data_name:

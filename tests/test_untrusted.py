@@ -326,6 +326,14 @@ def test_data_budget_accepts_real_data(tmp_path):
     assert bio.check_data_budget(proto, tmp_path, str(path)) == W.nbytes
 
 
+def test_onnxruntime_allocation_failure_is_a_resource_error():
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    exc = ort_state.Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation")
+    assert isinstance(resource_error(exc), ResourceError)
+    assert resource_error(ort_state.Fail("[ONNXRuntimeError] : 1 : FAIL : Node X failed")) is None
+
+
 @pytest.mark.parametrize(
     "exc, expect",
     [
