@@ -1708,13 +1708,16 @@ def load_torch_file(
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such file")
     kind = _archive_kind(path)
-    torch = _import_torch()
-    given = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-
     from . import archive, torch_safety  # issue 15: vet the archive before torch reads it
 
     if kind == "exported_program":
-        archive.check_pt2(path, trust_pickle=trust_pickle)
+        archive.check_pt2(path, trust_pickle=trust_pickle)  # torch-free: refuse before importing
+    elif _archive_is_zip(path):
+        archive.check_torch_zip(path)
+    torch = _import_torch()
+    given = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+
+    if kind == "exported_program":
         try:
             ep = torch.export.load(str(path))
         except Exception as exc:
@@ -1725,7 +1728,6 @@ def load_torch_file(
         return _from_exported_program(ep, path, given)
 
     if kind == "torchscript":
-        archive.check_torch_zip(path)
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
@@ -1739,8 +1741,6 @@ def load_torch_file(
         return TorchSource(module, args, names, "torchscript", path)
 
     # torch.save: a pickle (zip or legacy)
-    if _archive_is_zip(path):
-        archive.check_torch_zip(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses any class it does not know
