@@ -380,3 +380,19 @@ def test_batch_model_out_of_memory_is_that_models_exit_2(tmp_path, monkeypatch):
     item = _fold_one((str(model), str(tmp_path / "o.onnx"), {}))
     assert item.exit_code == 2 and "out of memory" in item.error
     assert json.dumps(item.to_dict())
+
+
+def test_input_files_lists_the_model_and_every_data_file_it_reads(tmp_path):
+    model = _constant_external_model(tmp_path)  # k.bin read by a Constant
+    (tmp_path / "w.data").write_bytes(W.tobytes())
+    proto = onnx.load(str(model), load_external_data=False)
+    proto.graph.initializer[0].CopyFrom(_external("W", W, "w.data"))
+    onnx.save(proto, model)
+    assert bio.input_files(model) == {
+        model.resolve(),
+        (tmp_path / "k.bin").resolve(),
+        (tmp_path / "w.data").resolve(),
+    }
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert bio.input_files(junk) == {junk.resolve()}
