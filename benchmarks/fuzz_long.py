@@ -11,7 +11,9 @@ when any model is wrong or crashed.
 
 With ``--corrupt`` it fuzzes the other side instead: ``bnfold fold`` (the CLI, in-process) on
 corrupted copies of the sample models (random byte edits, and structural edits: rewired inputs,
-changed ops, attributes, weight values/shapes/dtypes, deleted or duplicated nodes, opsets). Exit 0 and
+changed ops, attributes, weight values/shapes/dtypes, deleted or duplicated nodes, opsets), and, for
+15% of the seeds, issue 15's hostile families (a sparse 1 TiB tensor, a Constant in external data,
+-o a device node or a FIFO, a crafted previous output naming another input's data, a .pt2 zip bomb). Exit 0 and
 exit 2 with one line are fine; exit 1 means a fold broke a model that ran (verification caught it),
 exit 3 or a traceback is a crash.
 
@@ -187,6 +189,113 @@ def _mutate_graph(model, rng: random.Random) -> str:  # noqa: ANN001 - onnx.Mode
     return "opset"
 
 
+_HOSTILE = ["sparse-tib", "constant-external", "device-output", "fifo-output",
+            "crafted-previous-output", "zip-bomb-pt2"]  # fmt: skip
+
+
+def _external_entry(t, location: str, offset: int, length: int) -> None:  # noqa: ANN001
+    import onnx
+
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=k, value=v)
+
+
+def _hostile_one(seed: int, rng: random.Random, src: Path, d: Path) -> tuple[str, int, str]:
+    """Issue 15's families: inputs and outputs crafted against bnfold's integrity, not its parser.
+
+    Fine: exit 2 in one line with nothing harmed, or exit 0 with a self-contained output. The codes
+    -4 (an output referencing data that is not there) and -5 (a file bnfold must not touch was
+    changed, replaced or removed) are failures."""
+    import stat
+    import zipfile
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    family = rng.choice(_HOSTILE)
+    model = onnx.load(str(src))
+    path, out = d / "m.onnx", d / "o.onnx"
+    args = ["fold", str(path), "-o", str(out), "-q"]
+    guard: dict[Path, bytes] = {}
+    if family == "sparse-tib":
+        big = d / "big.data"
+        with open(big, "wb") as f:
+            f.truncate(1 << rng.choice([36, 38, 40]))
+        t = onnx.TensorProto(
+            name="huge", data_type=onnx.TensorProto.FLOAT, dims=[big.stat().st_size // 4]
+        )
+        _external_entry(t, "big.data", 0, big.stat().st_size)
+        model.graph.initializer.append(t)
+    elif family == "constant-external":
+        value = np.float32(rng.uniform(-2, 2)).reshape(())
+        (d / "k.bin").write_bytes(value.tobytes())
+        t = numpy_helper.from_array(value, "kv")
+        _external_entry(t, "k.bin", 0, 4)
+        model.graph.node.insert(0, helper.make_node("Constant", [], ["__k"], value=t))
+        model.graph.output.append(helper.make_tensor_value_info("__k", onnx.TensorProto.FLOAT, []))
+        args.append("--no-verify")
+    elif family == "device-output":
+        out = d / "null"  # a private device node: never risk the machine's /dev/null
+        try:
+            os.mknod(out, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except (OSError, AttributeError):
+            return family, 2, "skipped (cannot create a device node)"
+        args[3] = str(out)
+    elif family == "fifo-output":
+        os.mkfifo(out)
+    elif family == "crafted-previous-output":
+        # input v.onnx keeps its weight in out/m.onnx.data; a crafted earlier output out/m.onnx
+        # names that file as its own data: folding m.onnx must not delete it
+        (d / "out").mkdir()
+        w = model.graph.initializer[0]
+        victim_data = d / "out" / "m.onnx.data"
+        victim_data.write_bytes(numpy_helper.to_array(w).tobytes())
+        guard[victim_data] = victim_data.read_bytes()
+        victim = onnx.ModelProto()
+        victim.CopyFrom(model)
+        _external_entry(victim.graph.initializer[0], "out/m.onnx.data", 0, len(guard[victim_data]))
+        onnx.save(victim, d / "v.onnx")
+        crafted = onnx.ModelProto()
+        crafted.CopyFrom(model)
+        _external_entry(crafted.graph.initializer[0], "m.onnx.data", 0, len(guard[victim_data]))
+        onnx.save(crafted, d / "out" / "m.onnx")
+        args = ["fold", str(d / "v.onnx"), str(path), "-O", str(d / "out"), "-q"]
+    elif family == "zip-bomb-pt2":
+        path = d / "m.pt2"
+        args[1] = str(path)
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("m/archive_format", "pt2")
+            z.writestr("m/extra/bomb", b"\0" * (rng.randint(16, 64) << 20))
+    if family != "zip-bomb-pt2":
+        path.write_bytes(model.SerializeToString())
+    result = CliRunner().invoke(app, args)
+    code, message = result.exit_code, (result.stderr or "").strip()
+    if code == 2 and len(message.splitlines()) != 1:
+        code = -2
+    if family == "device-output" and not stat.S_ISCHR(os.stat(out).st_mode):
+        code, message = -5, "the device node was replaced"
+    if family == "fifo-output" and not stat.S_ISFIFO(os.stat(out).st_mode):
+        code, message = -5, "the FIFO was replaced"
+    for f, data in guard.items():
+        if not f.exists() or f.read_bytes() != data:
+            code, message = -5, f"{f.name} was changed or removed"
+    if family == "constant-external" and code == 0:
+        moved = d / "moved"
+        moved.mkdir()
+        os.replace(out, moved / "o.onnx")
+        try:
+            onnx.load(str(moved / "o.onnx"))  # loads every external tensor it references
+        except Exception as exc:  # noqa: BLE001
+            code, message = -4, f"output is not self-contained: {exc}"
+    return family, code, message[-1500:]
+
+
 def _corrupt_one(seed: int) -> tuple[int, str, int, str]:
     """Corrupt a sample model (seeded), run ``bnfold fold`` on it; (seed, how, exit code, message)."""
     import tempfile
@@ -199,6 +308,10 @@ def _corrupt_one(seed: int) -> tuple[int, str, int, str]:
     rng = random.Random(seed)
     samples = sorted(SAMPLES.glob("*.onnx"))
     src = samples[seed % len(samples)]
+    if rng.random() < 0.15:
+        with tempfile.TemporaryDirectory() as d:
+            how, code, message = _hostile_one(seed, rng, src, Path(d))
+        return seed, f"{src.name}:{how}", code, message
     if rng.random() < 0.5:
         data = bytearray(src.read_bytes())
         how = _mutate_bytes(data, rng)
@@ -251,7 +364,8 @@ def corrupt(models: int, seed: int, jobs: int) -> int:
     print(
         f"files {models}: folded (exit 0) {codes[0]}, refused in one line (exit 2) {codes[2]}, "
         f"verification failed (exit 1) {codes[1]}, crashed (exit 3) {codes[3]}, "
-        f"traceback or multi-line error {codes[-3] + codes[-2]}"
+        f"traceback or multi-line error {codes[-3] + codes[-2]}, output not self-contained "
+        f"{codes[-4]}, a protected file harmed {codes[-5]}"
     )
     bad = [(s, how, c, m) for s, how, c, m in results if c not in (0, 2)]
     for s, how, c, m in bad:

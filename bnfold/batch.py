@@ -159,13 +159,25 @@ def fold_any(
     return fold_with(model, output, opts.replace(trust_pickle=False, opset=17), progress=progress)
 
 
-def _fold_one(task: tuple[str, str | None, FoldOptions]) -> BatchItem:
-    """Worker: fold one model; never raises for the user's errors (they become the item's error)."""
-    src, dst, options = task
+def _fold_one(task: tuple[str, str | None, FoldOptions, frozenset[Path]]) -> BatchItem:
+    """Worker: fold one model; never raises for the user's errors (they become the item's error).
+
+    ``protected`` holds every input of the batch (and its data files): no model's post-commit
+    cleanup may remove another model's input."""
+    from . import io as _io
+    from .errors import resource_error
+
+    src, dst, options, protected = task
     try:
-        result = fold_any(src, dst, options)
+        with _io.protecting(protected):
+            result = fold_any(src, dst, options)
     except BnfoldError as exc:
         return BatchItem(src, dst, exc.exit_code, error=str(exc))
+    except Exception as exc:  # out of memory, a failed mmap: this model's error, exit 2
+        resource = resource_error(exc, src)
+        if resource is None:
+            raise
+        return BatchItem(src, dst, resource.exit_code, error=str(resource))
     report = result.report
     return BatchItem(src, dst, report.exit_code, report=report.to_dict())
 
@@ -182,9 +194,15 @@ def fold_many(
     Every model gets the same ``options`` (a frozen, picklable :class:`FoldOptions`)."""
     import time
 
+    from . import io as _io
+
     opts = options if options is not None else FoldOptions()
-    work = [(str(src), str(dst), opts) for src, dst in tasks]
-    for _, dst, _ in work:
+    protected: set[Path] = set()
+    for src, _dst in tasks:  # no model's cleanup may remove another input (or its data)
+        protected |= _io.input_files(src)
+    frozen = frozenset(protected)
+    work = [(str(src), str(dst), opts, frozen) for src, dst in tasks]
+    for _, dst, _, _ in work:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     items: list[BatchItem | None] = [None] * len(work)

@@ -32,18 +32,24 @@ __all__ = [
     "has_external_data",
     "external_data_files",
     "check_output_path",
+    "check_report_path",
+    "protecting",
+    "input_files",
+    "check_data_budget",
     "StagedOutput",
     "remove_stale_staging",
     "TWO_GB",
 ]
 
 import contextlib
+import contextvars
 import errno
 import math
 import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +60,13 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from ._text import first_line as _first_line
-from .errors import ExternalDataError, InputNotFoundError, InvalidModelError, OutputError
+from .errors import (
+    ExternalDataError,
+    InputNotFoundError,
+    InvalidModelError,
+    OutputError,
+    ResourceError,
+)
 
 TWO_GB = 2**31 - 1  # protobuf's hard limit on one serialized message
 _HEADROOM = 64 << 20  # leave room for the graph itself when deciding on external data
@@ -578,6 +590,8 @@ def load(path: str | os.PathLike) -> ir.Model:
         )
     try:
         proto = onnx.load(str(p), load_external_data=False)
+    except MemoryError:
+        raise ResourceError(f"{p}: out of memory while reading the model") from None
     except (DecodeError, ValueError, RuntimeError, OSError, UnicodeDecodeError) as exc:
         raise InvalidModelError(f"{p}: not a valid ONNX model ({_first_line(exc)})") from None
     except Exception as exc:  # protobuf may raise its own error types on corrupt input
@@ -587,11 +601,79 @@ def load(path: str | os.PathLike) -> ir.Model:
         _check_external_data(proto, p.parent)
     except ExternalDataError as exc:
         raise ExternalDataError(f"{p}: {exc}") from None
+    check_data_budget(proto, p.parent, str(p))
     model = _deserialize(proto, str(p))
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     for fn in model.functions.values():
         ir.external_data.set_base_dir(fn.graph if hasattr(fn, "graph") else fn, str(p.parent))  # type: ignore[arg-type]
     return model
+
+
+_SPARSE_SLACK = 256 << 20  # declared-but-unstored bytes tolerated (st_blocks rounding, small holes)
+
+
+def _machine_bytes(folder: Path) -> int:
+    """Physical memory plus the free disk beside the model: more than this cannot be folded."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        ram = 0
+    try:
+        disk = shutil.disk_usage(folder).free
+    except OSError:
+        disk = 0
+    return int(ram) + int(disk) if ram or disk else 1 << 62
+
+
+def check_data_budget(proto: onnx.ModelProto, base_dir: Path, where: str) -> int:
+    """Bound the work by what the model really stores and the machine has; returns the bytes the
+    model's external data declares.
+
+    Every external file must store (allocated blocks, ``st_blocks``) the bytes the model declares
+    from it, within a slack: a sparse file that declares a 1 TiB tensor passes every size check but
+    would page through a terabyte of zeros. And the total must fit the machine's memory plus free
+    disk. Either failure is a :class:`~bnfold.errors.ResourceError` (exit 2).
+    """
+    ranges: dict[Path, list[tuple[int, int]]] = {}
+    for tensor in _iter_tensor_protos(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        f = (base_dir / info.get("location", "")).resolve()
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = info.get("length")
+            if length is None or length == "":
+                length = (f.stat().st_size - offset) if f.is_file() else 0
+            ranges.setdefault(f, []).append((offset, offset + int(length)))
+        except (ValueError, OSError):
+            continue  # refused with a clearer message by the external-data check
+    total = 0
+    for f, spans in ranges.items():
+        declared = 0
+        end = -1
+        for lo, hi in sorted(spans):  # union of the byte ranges, overlaps counted once
+            lo = max(lo, end)
+            if hi > lo:
+                declared += hi - lo
+            end = max(end, hi)
+        total += declared
+        try:
+            stored = os.stat(f).st_blocks * 512
+        except (OSError, AttributeError):
+            continue
+        if declared - stored > max(_SPARSE_SLACK, stored):
+            raise ResourceError(
+                f"{where}: external data {f.name!r} declares {declared / 2**30:.1f} GiB of tensors "
+                f"but stores only {stored / 2**20:.1f} MiB (a sparse file); refused"
+            )
+    have = _machine_bytes(base_dir)
+    if total > have:
+        raise ResourceError(
+            f"{where}: the model declares {total / 2**30:.1f} GiB of external data, more than this "
+            f"machine's memory and free disk ({have / 2**30:.1f} GiB)"
+        )
+    return total
 
 
 def _check_model_proto(proto: onnx.ModelProto, where: str) -> None:
@@ -607,6 +689,8 @@ def _check_model_proto(proto: onnx.ModelProto, where: str) -> None:
 def _deserialize(proto: onnx.ModelProto, where: str) -> ir.Model:
     try:
         return ir.serde.deserialize_model(proto)
+    except MemoryError:
+        raise ResourceError(f"{where}: out of memory while reading the model") from None
     except RecursionError:
         raise InvalidModelError(f"{where}: subgraphs are nested too deeply") from None
     except Exception as exc:  # onnx_ir raises ValueError/TypeError/KeyError on malformed graphs
@@ -625,6 +709,59 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
+def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node: the main graph, its subgraphs, functions and their subgraphs."""
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for fn in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(fn)
+
+
+def _attribute_tensors(model: ir.Model) -> Iterator[tuple[ir.Node, str, object]]:
+    """(node, attribute name, tensor) for every tensor held in a node attribute."""
+    for node in _all_nodes(model):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR:
+                yield node, name, attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                for t in attr.value or ():
+                    yield node, name, t
+
+
+@contextlib.contextmanager
+def _attribute_data_inline(model: ir.Model) -> Iterator[None]:
+    """While writing: node-attribute tensors (``Constant`` values, in every graph, subgraph and
+    function) that live in external data are carried inline, so the output never points at the
+    input's data file (which is not copied). The model is restored afterwards."""
+    originals: list[tuple[ir.Node, str, object]] = []
+    try:
+        for node in list(_all_nodes(model)):
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR:
+                    if isinstance(attr.value, ir.ExternalTensor):
+                        t = attr.value
+                        originals.append((node, name, attr))
+                        node.attributes[name] = ir.AttrTensor(
+                            name, ir.Tensor(t.numpy(), name=t.name, doc_string=t.doc_string)
+                        )
+                elif attr.type == ir.AttributeType.TENSORS:
+                    values = list(attr.value or ())
+                    if any(isinstance(t, ir.ExternalTensor) for t in values):
+                        originals.append((node, name, attr))
+                        node.attributes[name] = ir.AttrTensors(
+                            name,
+                            [
+                                ir.Tensor(t.numpy(), name=t.name)
+                                if isinstance(t, ir.ExternalTensor)
+                                else t
+                                for t in values
+                            ],
+                        )
+        yield
+    finally:
+        for node, name, attr in originals:
+            node.attributes[name] = attr
+
+
 def has_external_data(model: ir.Model) -> bool:
     for graph in model.graphs():
         for v in graph.initializers.values():
@@ -641,6 +778,9 @@ def external_data_files(model: ir.Model) -> set[Path]:
             t = v.const_value
             if isinstance(t, ir.ExternalTensor):
                 files.add(Path(t.path).resolve())
+    for _node, _name, t in _attribute_tensors(model):
+        if isinstance(t, ir.ExternalTensor):
+            files.add(Path(t.path).resolve())
     return files
 
 
@@ -664,6 +804,7 @@ def check_output_path(
     out = Path(output)
     if out.exists() and out.is_dir():
         raise OutputError(f"{out}: is a directory; give a file name for the output")
+    _refuse_non_regular(out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise OutputError(f"{out}: folder {str(parent)!r} does not exist")
@@ -687,6 +828,54 @@ def check_output_path(
                 f"{out}: would overwrite the input's external data {str(f)!r}; choose another -o"
             )
     return out
+
+
+def _refuse_non_regular(out: Path) -> None:
+    """An existing output must be a regular file: a device node (``-o /dev/null``), FIFO or socket
+    would be replaced by a regular file (os.replace), so it is refused; there is no discard sink
+    (``--no-verify`` with a temporary path does that job)."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return  # a new path, a dangling link, a parent that is no folder: checked elsewhere
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{out}: is a directory; give a file name for the output")
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a device node"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "not a regular file"
+        )
+        raise OutputError(
+            f"{out}: is {kind}; bnfold writes only regular files (give a new or regular file path)"
+        )
+
+
+def check_report_path(path: str | os.PathLike) -> Path:
+    """Refuse a report destination (``--json``, ``--markdown``, ``$GITHUB_STEP_SUMMARY``) that
+    cannot be written, before anything is committed: exit 2 then means nothing was written.
+
+    An existing path must be writable and not a folder (a FIFO or ``/dev/stdout`` is fine: reports
+    are written in place, not replaced); a new path needs an existing, writable folder. Creates
+    nothing. Returns the path.
+    """
+    p = Path(path)
+    if p.exists():
+        if p.is_dir():
+            raise OutputError(f"{p}: is a directory; cannot write the report there")
+        if not os.access(p, os.W_OK):
+            raise OutputError(f"{p}: report file is not writable")
+        return p
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{p}: folder {str(parent)!r} for the report does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{p}: folder {str(parent)!r} for the report is not writable")
+    return p
 
 
 _STAGING_MARK = ".bnfold-"
@@ -784,23 +973,76 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _referenced_data(model_path: Path) -> set[Path]:
-    """External-data files, following bnfold's naming, that the model at ``model_path`` reads."""
+_PROTECTED: contextvars.ContextVar[frozenset[Path]] = contextvars.ContextVar(
+    "bnfold_protected", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def protecting(paths: set[Path] | frozenset[Path]) -> Iterator[None]:
+    """Within this block no commit's cleanup removes any of ``paths`` (resolved): a batch protects
+    every input of the whole batch (and their external data) around each model's fold."""
+    token = _PROTECTED.set(_PROTECTED.get() | {Path(p).resolve() for p in paths})
+    try:
+        yield
+    finally:
+        _PROTECTED.reset(token)
+
+
+def input_files(path: str | os.PathLike) -> set[Path]:
+    """An input file and (for ONNX) the external-data files it references, resolved; for the
+    protection of a whole batch. Unreadable files protect just themselves."""
+    p = Path(path)
+    files = {p.resolve()}
+    try:
+        if p.is_file() and p.stat().st_size <= TWO_GB and p.suffix != ".pt2":
+            proto = onnx.load(str(p), load_external_data=False)
+            for tensor in _iter_tensor_protos(proto):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
+                    if loc and "\0" not in loc:
+                        files.add((p.parent / loc).resolve())
+    except Exception:  # noqa: BLE001 - not ONNX (PyTorch) or unreadable: the file alone
+        pass
+    return files
+
+
+def _referenced_data(model_path: Path) -> dict[Path, int]:
+    """External-data files, following bnfold's naming, that the model at ``model_path`` reads, with
+    the end of the last byte it reads from each (``{}`` when it is not a model we can read)."""
     try:
         if not model_path.is_file() or model_path.stat().st_size > _PREVIOUS_MODEL_MAX:
-            return set()
+            return {}
         proto = onnx.load(str(model_path), load_external_data=False)
         pattern = _data_name_pattern(model_path.name)
-        found = set()
+        found: dict[Path, int] = {}
         for tensor in _iter_tensor_protos(proto):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info.get("location", "")
             if pattern.fullmatch(location):
-                found.add(model_path.with_name(location))
+                f = model_path.with_name(location)
+                end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+                found[f] = max(found.get(f, 0), end)
         return found
     except Exception:  # not a model we can read: leave its files alone
-        return set()
+        return {}
+
+
+def _own_data(path: Path, end: int, keep: set[Path]) -> bool:
+    """``path`` is provably the previous output's own data: bnfold-named (checked by the caller),
+    not protected, a regular file (no link), one hard link, and exactly as long as the data the
+    previous model reads from it (bnfold writes nothing else into it)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    if path.resolve() in keep:
+        return False
+    return end > 0 and st.st_size == end
 
 
 def _publish_data(staged: Path, final: Path) -> None:
@@ -827,13 +1069,34 @@ def _remove_files(paths: Iterator[Path] | set[Path]) -> None:
             os.unlink(path)
 
 
+def _relocate(model_path: Path, old: str, new: str) -> None:
+    """Point the staged model's external references from data file ``old`` to ``new``."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for tensor in _iter_tensor_protos(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    tmp = model_path.with_name(model_path.name + ".relocating")
+    with open(tmp, "wb") as f:
+        f.write(proto.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, model_path)
+
+
 class StagedOutput:
     """Write a model into a staging folder beside ``final``; :meth:`commit` moves it into place.
 
     ``path`` is the staged model file, which can be loaded (e.g. by ONNX Runtime for verification)
     exactly as it will be at the destination, since external data is referenced by a relative name.
-    ``protected`` files (the input model and its external data) are never removed by the cleanup
-    that follows a commit.
+    The external data's final name is chosen in :meth:`commit`, under the folder lock (the staged
+    model is re-pointed if another run took the provisional name meanwhile), so concurrent runs on
+    the same ``-o`` never fail on a name clash. ``protected`` files (the input model and its
+    external data; in a batch, every input of the batch) are never removed by the cleanup that
+    follows a commit, and nothing else is removed unless it is provably the previous output's own
+    data (:func:`_own_data`).
     """
 
     def __init__(
@@ -842,6 +1105,7 @@ class StagedOutput:
         self.final = Path(final)
         self.folder = self.final.parent if str(self.final.parent) else Path(".")
         self.protected = {Path(p).resolve() for p in protected}
+        _refuse_non_regular(self.final)
         remove_stale_staging(self.folder, self.final.name)
         try:
             self._dir = Path(
@@ -859,7 +1123,8 @@ class StagedOutput:
 
     def _fresh_data_name(self) -> str:
         """``NAME.data`` when no such file exists, else ``NAME.<8 hex>.data``: never an existing file,
-        so the data an existing model at the destination reads is not touched before the switch."""
+        so the data an existing model at the destination reads is not touched before the switch.
+        Called under the folder lock."""
         name = self.final.name + ".data"
         while os.path.lexists(self.folder / name):
             name = f"{self.final.name}.{secrets.token_hex(4)}.data"
@@ -873,60 +1138,73 @@ class StagedOutput:
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         try:
-            if external:
-                self.data_name = self._fresh_data_name()
+            with _attribute_data_inline(model):
+                if external:
+                    # provisional: the staging folder is private; commit picks the final name
+                    self.data_name = self.final.name + ".data"
 
-                def callback(tensor, info) -> None:  # noqa: ANN001 - onnx_ir callback signature
-                    if progress is not None:
-                        progress(info.index + 1, info.total)
+                    def callback(tensor, info) -> None:  # noqa: ANN001 - onnx_ir signature
+                        if progress is not None:
+                            progress(info.index + 1, info.total)
 
-                ir.save(model, self.path, external_data=self.data_name, callback=callback)
-                _fsync(self._dir / self.data_name)
-                _fsync(self.path)
-            else:
-                proto = to_proto(model)
-                if proto.ByteSize() > TWO_GB:
-                    raise OutputError(
-                        "the model exceeds 2 GB as one file; write it with external data"
-                    )
-                with open(self.path, "wb") as f:
-                    f.write(proto.SerializeToString())
-                    f.flush()
-                    os.fsync(f.fileno())
+                    ir.save(model, self.path, external_data=self.data_name, callback=callback)
+                    _fsync(self._dir / self.data_name)
+                    _fsync(self.path)
+                else:
+                    proto = to_proto(model)
+                    if proto.ByteSize() > TWO_GB:
+                        raise OutputError(
+                            "the model exceeds 2 GB as one file; write it with external data"
+                        )
+                    with open(self.path, "wb") as f:
+                        f.write(proto.SerializeToString())
+                        f.flush()
+                        os.fsync(f.fileno())
         except OSError as exc:
             self.discard()
             raise OutputError(f"{self.final}: cannot write ({exc.strerror or exc})") from None
 
-    def commit(self) -> Path:
+    def commit(self, *, protected: set[Path] | frozenset[Path] = frozenset()) -> Path:
         """Move the staged files to the destination.
 
-        The data file goes in first under a name no file had, then the model replaces the old one
-        in one ``os.replace``: at every instant the destination is the old pair or the new pair.
-        Afterwards the data files the old model read (bnfold-named, not protected) are removed.
+        Under the folder lock: the data file gets a name no file has and goes in first, then the
+        model replaces the old one in one ``os.replace``: at every instant the destination is the
+        old pair or the new pair. Afterwards the data files the old model read are removed when
+        they are provably its own (see :func:`_own_data`) and not in ``protected``,
+        ``self.protected`` or the set of :func:`protecting`.
         """
+        keep = self.protected | {Path(p).resolve() for p in protected} | set(_PROTECTED.get())
         try:
             with _folder_lock(self.folder):
+                _refuse_non_regular(self.final)
                 previous = _referenced_data(self.final)
                 published: Path | None = None
                 try:
                     if self.data_name:
-                        published = self.folder / self.data_name
-                        _publish_data(self._dir / self.data_name, published)
+                        name = self._fresh_data_name()
+                        if name != self.data_name:
+                            os.rename(self._dir / self.data_name, self._dir / name)
+                            _relocate(self.path, self.data_name, name)
+                            self.data_name = name
+                        published = self.folder / name
+                        _publish_data(self._dir / name, published)
                     _replace_model(self.path, self.final)
                 except OSError as exc:
                     if published is not None and not isinstance(exc, FileExistsError):
                         _remove_files({published})
                     if isinstance(exc, FileExistsError):
                         raise OutputError(
-                            f"{self.final}: {exc.filename} appeared while bnfold was writing; run again"
+                            f"{self.final}: its data file appeared while bnfold was writing "
+                            "(another program is writing the same output); run again"
                         ) from None
                     raise OutputError(
                         f"{self.final}: cannot write ({exc.strerror or exc})"
                     ) from None
                 self.committed = True
                 _fsync(self.folder)
-                keep = self.protected | ({published.resolve()} if published is not None else set())
-                _remove_files(p for p in previous if p.resolve() not in keep)
+                if published is not None:
+                    keep.add(published.resolve())
+                _remove_files(p for p, end in previous.items() if _own_data(p, end, keep))
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
         return self.final
@@ -954,7 +1232,8 @@ def save_proto_to(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def save_ir_to(model: ir.Model, path: Path) -> None:
-    if needs_external_data(model):
-        ir.save(model, path, external_data=path.name + ".data")
-    else:
-        save_proto_to(to_proto(model), path)
+    with _attribute_data_inline(model):
+        if needs_external_data(model):
+            ir.save(model, path, external_data=path.name + ".data")
+        else:
+            save_proto_to(to_proto(model), path)

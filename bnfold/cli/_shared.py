@@ -16,6 +16,22 @@ def console_for(json_to_stdout: bool):
     return make_console(stderr=json_to_stdout)
 
 
+def check_report_paths(json_out: str | None, markdown: Path | None) -> None:
+    """Every report destination (--json, --markdown, $GITHUB_STEP_SUMMARY) must be writable before
+    anything is written, so exit 2 always means nothing was written (issue 15)."""
+    import os
+
+    from bnfold.io import check_report_path
+
+    for target in (
+        json_out if json_out and json_out != "-" else None,
+        markdown,
+        os.environ.get("GITHUB_STEP_SUMMARY") or None,
+    ):
+        if target is not None:
+            check_report_path(target)
+
+
 def write_json(payload: dict, dest: str) -> None:
     text = json.dumps(payload, indent=2, allow_nan=False, default=str)
     if dest == "-":

@@ -52,7 +52,14 @@ def _guard(func):
         except KeyboardInterrupt:
             print("bnfold: interrupted; nothing was written", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except Exception:
+        except Exception as exc:
+            from bnfold.errors import resource_error
+            from bnfold.render.text import inert
+
+            resource = resource_error(exc)  # MemoryError, failed mmap: the input's fault, exit 2
+            if resource is not None:
+                print(f"bnfold: error: {inert(str(resource))}", file=sys.stderr)
+                raise typer.Exit(resource.exit_code) from None
             import traceback
 
             traceback.print_exc()

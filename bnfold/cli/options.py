@@ -166,7 +166,7 @@ TrustPickleOpt = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
-        help="PyTorch input: load a whole pickled nn.Module (torch.save(model)). Unpickling runs code from the file: use only with files you trust. Default: torch.load(weights_only=True), which refuses it.",
+        help="PyTorch input: trust the file. Allows a whole pickled nn.Module (torch.save(model)), .pt2 weights/constants/sample inputs stored as pickles, and TorchScript/.pt2 graphs that call ops with file, process or network effects (torch.from_file...). Unpickling runs code from the file: use only with files you trust. Default: all of these are refused (exit 2).",
     ),
 ]
 VerboseOpt = Annotated[

@@ -62,6 +62,11 @@ def is_torch_file(path: str | os.PathLike) -> bool:
     return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)
 
 
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4).startswith(_ZIP_MAGIC)
+
+
 def _archive_kind(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
@@ -143,6 +148,13 @@ def load_torch_file(
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such file")
     kind = _archive_kind(path)
+    # Vet the archive before torch reads anything (zip bombs, pickles; issue 15): torch-free.
+    from bnfold.torch import archive, safety
+
+    if kind == "exported_program":
+        archive.check_pt2(path, trust_pickle=trust_pickle)
+    elif _is_zip(path):
+        archive.check_torch_zip(path)
     torch = _import_torch()
     given = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
 
@@ -153,6 +165,7 @@ def load_torch_file(
             raise InvalidModelError(
                 f"{path}: torch.export.load failed: {_first_line(exc)}"
             ) from None
+        safety.check_exported_program(ep, str(path), trust=trust_pickle)
         return _from_exported_program(ep, path, given)
 
     if kind == "torchscript":
@@ -160,6 +173,7 @@ def load_torch_file(
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise InvalidModelError(f"{path}: torch.jit.load failed: {_first_line(exc)}") from None
+        safety.check_torchscript(module, str(path), trust=trust_pickle)
         names = _forward_arg_names(module, len(module.forward.schema.arguments) - 1)
         dtype = _module_float_dtype(module)
         args = _inputs_from_shapes(

@@ -10,6 +10,7 @@ import typer
 from bnfold.cli._shared import (
     Progress,
     batch_bar,
+    check_report_paths,
     console_for,
     default_output,
     summary_env,
@@ -95,6 +96,9 @@ def fold(
     single = len(inputs) == 1 and output_dir is None and not models[0].is_dir()
     if output is not None and not single:
         raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
+    check_report_paths(
+        json_out, markdown
+    )  # before any model is committed: exit 2 = nothing written
     console = console_for(json_out == "-")
     out = _Output(console, json_out, markdown, verbose, quiet)
     if single:
