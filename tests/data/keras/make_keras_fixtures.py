@@ -267,6 +267,23 @@ def describe(path: Path, info: dict) -> dict:
     ops: dict[str, int] = {}
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    # BN layers the exporter left in the graph: each is one BatchNormalization node or one Mul by a
+    # constant (these models have no other Mul); tf2onnx fuses a FusedBatchNormV3 right after a
+    # Conv into the Conv itself (its output then carries the BN's name).
+    consts = {i.name for i in proto.graph.initializer}
+    consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    bn_nodes = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    bn_muls = [
+        n for n in proto.graph.node if n.op_type == "Mul" and any(i in consts for i in n.input)
+    ]
+    fused = [
+        b["layer"]
+        for b in bn_layers(info["model"], info["padding"])
+        if any(
+            n.op_type == "Conv" and any(f"/{b['layer']}/FusedBatchNorm" in o for o in n.output)
+            for n in proto.graph.node
+        )
+    ]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -282,10 +299,28 @@ def describe(path: Path, info: dict) -> dict:
         "inputs": inputs,
         "outputs": [o.name for o in proto.graph.output],
         "op_counts": dict(sorted(ops.items())),
+        "onnx_bn_layers": len(bn_nodes) + len(bn_muls),
+        "onnx_bn_forms": {"BatchNormalization": len(bn_nodes), "Mul+Add": len(bn_muls)},
+        "exporter_fused_bn": fused,
         "max_abs_vs_keras": float(np.max(np.abs(y - ref))),
         "output_max_abs": float(np.max(np.abs(ref))),
         "output_mean_abs": float(np.mean(np.abs(ref))),
     }
+
+
+def refresh_manifest(outdir: Path) -> int:
+    path = outdir / "MANIFEST.json"
+    manifest = json.loads(path.read_text())
+    for name, entry in manifest["files"].items():
+        if "error" in entry:
+            continue
+        with np.load(outdir / f"reference_{entry['model']}_{entry['padding']}.npz") as ref:
+            info = {"model": entry["model"], "padding": entry["padding"]}
+            info["keras_output"] = ref["output"]
+            entry.update(describe(outdir / name, info))
+        assert entry["onnx_bn_layers"] + len(entry["exporter_fused_bn"]) == entry["keras_bn_layers"]
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", choices=sorted(ROUTES), help="route(s) to rebuild")
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument(
+        "--refresh-manifest",
+        action="store_true",
+        help="re-describe the files already listed in MANIFEST.json (no export; needs no TensorFlow)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--routes", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
@@ -303,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         res = worker(args.worker, args.routes.split(","), args.out, args.tmp)
         args.result.write_text(json.dumps(res))
         return 0
+
+    if args.refresh_manifest:
+        return refresh_manifest(args.out)
 
     routes = args.only or list(ROUTES)
     args.out.mkdir(parents=True, exist_ok=True)
