@@ -90,7 +90,9 @@ def assert_folds_every_bn(name: str) -> None:
     # the BN layers the exporter left in the graph (tf2onnx fuses Keras 2's Conv -> BN itself)
     n_bn = MANIFEST["files"][name]["onnx_bn_layers"]
     original = _load(name)
+    pristine = original.SerializeToString()
     result = bnfold.fold(original)
+    assert original.SerializeToString() == pristine  # the input is never modified
     report = result.report.to_dict()
 
     # every Keras BN layer is reported as a BatchNorm, and all of them are folded

@@ -7,12 +7,15 @@ statistics far from identity; ``make_keras_fixtures.py`` beside them regenerates
 TensorFlow; CI needs none of it). ``MANIFEST.json`` says, per file, how many Keras BatchNormalization
 layers the model has and which layer precedes each.
 
-What these tests state is the goal, not today's behaviour: for every fixture ``bnfold.fold`` reports
-every Keras BN layer as a BatchNorm and folds all of them (backward into the Conv/Dense before it, or
+What these tests state is the goal, not today's behaviour: for every fixture that bnfold does not fold
+completely today (``keras_checks.NOT_YET``: the tutorial model from all six routes and Keras 3's
+torch-backend export of the Conv->BN variant), ``bnfold.fold`` reports every BN layer the exporter left
+in the graph as a BatchNorm and folds all of them (backward into the Conv/Dense before it, or
 forward through MaxPool/Flatten/Reshape/Transpose into the next Conv/Dense), the output passes
 ``onnx.checker``, matches the original under ONNX Runtime with optimizations disabled (and the Keras
 model's own output), and no BN-like Mul/Add/Sub is left; ``bnfold check`` on an unfolded fixture exits
-1 and lists every BN as foldable.
+1 and lists every BN as foldable. The assertions are in ``keras_checks.py``; the fixtures bnfold
+already folds run the same assertions, unmarked, in ``test_keras_fixtures.py``.
 """
 
 from __future__ import annotations
