@@ -14,19 +14,28 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_close, run_ort
+from conftest import assert_close
 from keras_checks import (
     FOLDED_TODAY,
     assert_check_flags_every_bn,
     assert_folds_every_bn,
     bn_like_left,
+    run_images,
 )
 
 DATA = Path(__file__).resolve().parent / "data" / "keras"
 MANIFEST = json.loads((DATA / "MANIFEST.json").read_text())
 FILES = MANIFEST["files"]
 FIXTURES = sorted(name for name, entry in FILES.items() if "error" not in entry)
-ROUTES = {"tf2onnx_k3", "tf2onnx_k2", "keras3_tf", "keras3_torch", "savedmodel_k3", "savedmodel_k2"}
+ROUTES = {
+    "tf2onnx_k3",
+    "tf2onnx_k2",
+    "keras3_tf",
+    "keras3_torch",
+    "keras3_torch_dynamo",
+    "savedmodel_k3",
+    "savedmodel_k2",
+}
 
 
 def test_every_route_in_both_paddings_for_both_models():
@@ -45,7 +54,7 @@ def test_fixture_runs_and_matches_keras(name):
     onnx.checker.check_model(model, full_check=True)
     with np.load(DATA / f"reference_{entry['model']}_{entry['padding']}.npz") as ref:
         image, want = ref["image"], ref["output"]
-    (got,) = run_ort(model, {model.graph.input[0].name: image})
+    got = run_images(model, image)
     assert got.shape == want.shape == (2, 10)
     assert_close([got], [want])
     # the randomized BN statistics make the output far from trivial

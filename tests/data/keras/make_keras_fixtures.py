@@ -27,7 +27,12 @@ Routes (KERAS_BACKEND is read at import, so each backend runs in its own subproc
   manifest says which ran).
 * ``tf2onnx_k2``: Keras 2 API (``tf_keras``) -> ``tf2onnx.convert.from_keras``.
 * ``keras3_tf``: Keras 3, TensorFlow backend -> ``model.export(path, format="onnx")``.
-* ``keras3_torch``: Keras 3, torch backend -> ``model.export(path, format="onnx")``.
+* ``keras3_torch``: Keras 3, torch backend -> ``model.export(path, format="onnx")``. With the
+  model's dynamic batch Keras uses torch's TorchScript exporter (``dynamo=False``).
+* ``keras3_torch_dynamo``: the same with a static batch,
+  ``model.export(path, format="onnx", input_signature=[keras.InputSpec(shape=(1, 28, 28, 1))])``:
+  Keras then uses the dynamo exporter and ``onnx_program.optimize()``. Its input is ``[1, 28, 28, 1]``
+  (named ``input_0``), so the reference batch of 2 runs one image at a time.
 * ``savedmodel_k3``: Keras 3 ``model.export(dir, format="tf_saved_model")`` ->
   ``python -m tf2onnx.convert --saved-model dir --output f.onnx``.
 * ``savedmodel_k2``: ``tf_keras`` model -> ``tf.saved_model.save`` -> the same tf2onnx CLI.
@@ -74,6 +79,7 @@ ROUTES = {
     "tf2onnx_k2": "k2",
     "savedmodel_k2": "k2",
     "keras3_torch": "k3torch",
+    "keras3_torch_dynamo": "k3torch",
 }
 SEED = 1234
 
@@ -229,6 +235,12 @@ def export(route: str, keras, tf, m, out: Path, tmp: Path) -> dict:
     if route in ("keras3_tf", "keras3_torch"):
         m.export(str(out), format="onnx")
         return {"api": 'model.export(path, format="onnx")'}
+    if route == "keras3_torch_dynamo":
+        spec = [keras.InputSpec(shape=(1, *INPUT_SHAPE), dtype="float32")]
+        m.export(str(out), format="onnx", input_signature=spec)
+        return {
+            "api": 'model.export(path, format="onnx", input_signature=[InputSpec((1, 28, 28, 1))])'
+        }
     if route == "savedmodel_k3":
         m.export(str(tmp), format="tf_saved_model")
         return {"api": 'model.export(dir, format="tf_saved_model")', **_tf2onnx_cli(tmp, out)}
@@ -288,7 +300,11 @@ def describe(path: Path, info: dict) -> dict:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     x = reference_input(info["model"], info["padding"])
-    y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    name, batch = sess.get_inputs()[0].name, sess.get_inputs()[0].shape[0]
+    if batch == 1:  # a static batch of 1: run the reference images one at a time
+        y = np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+    else:
+        y = sess.run(None, {name: x})[0]
     ref = np.asarray(info["keras_output"], dtype=np.float32)
     return {
         "file": path.name,
@@ -392,9 +408,11 @@ def main(argv: list[str] | None = None) -> int:
                 (i for i in results.values() if (i["model"], i["padding"]) == (model, padding)),
                 None,
             )
-            if ref is not None:
+            npz = args.out / f"reference_{model}_{padding}.npz"
+            # --only keeps the stored references (all routes must match the same Keras output)
+            if ref is not None and (not args.only or not npz.exists()):
                 np.savez(
-                    args.out / f"reference_{model}_{padding}.npz",
+                    npz,
                     image=reference_input(model, padding),
                     output=np.asarray(ref["keras_output"], dtype=np.float32),
                 )
