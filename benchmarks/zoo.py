@@ -37,7 +37,7 @@ installed without its dependencies and its fake-kernel registrations are made to
 Run from the repository root::
 
     python benchmarks/zoo.py --quick                       # 4 models, ~2 min
-    python benchmarks/zoo.py                               # all models, ~10 min on 2 busy cores
+    python benchmarks/zoo.py                               # all 21 models: ~17 min on 2 busy shared cores
     python benchmarks/zoo.py --models resnet18,mixnet_s --keep /tmp/zoo   # keep the ONNX files
     python benchmarks/zoo.py --json /tmp/zoo.json          # also write every decision as JSON
 
@@ -188,6 +188,7 @@ SPECS = [
     Spec("mobileone_s0", "timm", _timm("mobileone_s0")),
     Spec("repvgg_a0", "timm", _timm("repvgg_a0")),
     Spec("resnet18d", "timm", _timm("resnet18d")),
+    Spec("resnetv2_18", "timm", _timm("resnetv2_18"), note="pre-activation: BN after residual Add"),
     Spec("ese_vovnet19b_dw", "timm", _timm("ese_vovnet19b_dw")),
     Spec("rexnet_100", "timm", _timm("rexnet_100")),
 ]
