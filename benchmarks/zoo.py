@@ -37,7 +37,7 @@ installed without its dependencies and its fake-kernel registrations are made to
 Run from the repository root::
 
     python benchmarks/zoo.py --quick                       # 4 models, 1-3 min
-    python benchmarks/zoo.py                               # all 21 models: 502 s measured (~17 min on busy cores)
+    python benchmarks/zoo.py                               # all 21 models: 502 s (more when busy)
     python benchmarks/zoo.py --models resnet18,mixnet_s --keep /tmp/zoo   # keep the ONNX files
     python benchmarks/zoo.py --json /tmp/zoo.json          # also write every decision as JSON
 
