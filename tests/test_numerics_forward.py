@@ -48,10 +48,12 @@ def conv_cases(draw):
     cin = group * draw(st.integers(1, 2))
     cout = group * draw(st.integers(1, 2))
     kernel = [draw(st.integers(1, 3)) for _ in range(n)]
-    spatial = [draw(st.integers(k + 1, 6)) for k in kernel]
+    dilations = [draw(st.integers(1, 2)) for _ in range(n)]
+    # At least the dilated kernel's extent, so the Conv output is never empty (an empty output is
+    # refused by the fold, correctly, and is not the identity under test).
+    spatial = [draw(st.integers((k - 1) * dil + 1, 7)) for k, dil in zip(kernel, dilations)]
     pads = [draw(st.integers(0, kernel[d % n] - 1)) for d in range(2 * n)]
     strides = [draw(st.integers(1, 2)) for _ in range(n)]
-    dilations = [draw(st.integers(1, 2)) for _ in range(n)]
     seed = draw(st.integers(0, 2**16))
     return n, group, cin, cout, kernel, spatial, pads, strides, dilations, seed
 
