@@ -126,7 +126,7 @@ def randomize_light(path: Path, seed: int = 0, gain: float = 1.3) -> onnx.ModelP
 
 
 def subjects(quick: bool) -> list[Subject]:
-    from deep_models import deep_resnet
+    from deep_models import convtranspose_square, deep_resnet
     from fuzz_models import F16, F32, generate
 
     found: list[Subject] = []
@@ -135,6 +135,8 @@ def subjects(quick: bool) -> list[Subject]:
             continue
         m = onnx.load(str(path))
         found.append(Subject(path.stem, m, _feeds(m)))
+    m = convtranspose_square()
+    found.append(Subject("deconv_square", m, _feeds(m)))
     for layers, gain, dtype, seed in (
         [(50, 1.4, np.float32, 0)]
         if quick
@@ -242,9 +244,7 @@ def mutants(
     original: onnx.ModelProto, folded: onnx.ModelProto, decisions
 ) -> list[tuple[str, onnx.ModelProto]]:
     out: list[tuple[str, onnx.ModelProto]] = []
-    chosen = [
-        d for d in decisions if d.folded and d.direction == "backward" and d.graph == "main"
-    ]
+    chosen = [d for d in decisions if d.folded and d.direction == "backward" and d.graph == "main"]
     if len(chosen) > 3:
         chosen = [chosen[0], chosen[len(chosen) // 2], chosen[-1]]
     for d in chosen:
@@ -260,7 +260,7 @@ def mutants(
         channels = w.shape[axis]
         bias = _bias_name(folded, node, channels)
 
-        def with_weight(value: np.ndarray, node=node) -> onnx.ModelProto:
+        def with_weight(value: np.ndarray, node=node, w=w) -> onnx.ModelProto:
             m = _copy(folded)
             _set(m, node.input[1], value.astype(w.dtype))
             return m

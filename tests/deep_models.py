@@ -179,3 +179,50 @@ def corner_tap_pair(channels: int = 4, layers: int = 2, seed: int = 0):
                 w[:, :, a, b] += 1.0
             t.CopyFrom(numpy_helper.from_array(w, "w0"))
     return model, candidate
+
+
+def convtranspose_square(channels: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """Two ConvTranspose(C -> C, 3x3, stride 2)+BN+ReLU layers on a fixed [1, C, 6, 6] input: square
+    weights, so a fold that scales axis 0 instead of axis 1 makes a well-formed wrong model."""
+    net = _Net(seed, np.dtype(np.float32))
+    x = "x"
+    for _ in range(2):
+        w = net.rng.standard_normal((channels, channels, 3, 3)) * np.sqrt(2.0 / (channels * 9))
+        y = net.name("deconv")
+        net.nodes.append(
+            helper.make_node(
+                "ConvTranspose",
+                [x, net.init("w", w), net.init("b", net.rng.standard_normal(channels) * 0.1)],
+                [y],
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                name=y,
+            )
+        )
+        bn = net.name("bn")
+        net.nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [
+                    y,
+                    net.init("g", net.rng.uniform(0.5, 1.5, channels)),
+                    net.init("beta", net.rng.standard_normal(channels) * 0.2),
+                    net.init("mean", net.rng.standard_normal(channels) * 0.2),
+                    net.init("var", net.rng.uniform(0.5, 2.0, channels)),
+                ],
+                [bn],
+                name=bn,
+            )
+        )
+        x = net.name("relu")
+        net.nodes.append(helper.make_node("Relu", [bn], [x], name=x))
+    graph = helper.make_graph(
+        net.nodes,
+        "deconv_square",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 6, 6])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+        net.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
