@@ -14,6 +14,7 @@ __all__ = [
     "ExternalDataError",
     "OutputError",
     "UsageError",
+    "VerificationTimeout",
 ]
 
 
@@ -41,3 +42,10 @@ class OutputError(BnfoldError):
 
 class UsageError(BnfoldError):
     """Options that contradict each other or cannot be parsed (e.g. a malformed --input-shape)."""
+
+
+class VerificationTimeout(BnfoldError):
+    """Verification did not finish within its time budget (``--verify-timeout``,
+    ``BNFOLD_VERIFY_TIMEOUT``). Not a mismatch: the model is unverified. Exit code 3."""
+
+    exit_code = 3
