@@ -132,6 +132,29 @@ class CalibratedOutput:
     def __bool__(self) -> bool:
         return self.passed
 
+    def summary(self) -> str:
+        """One line for a human report: the error next to the noise floor and the margin. The
+        output name is shown with ``repr`` (it is model-controlled text)."""
+        verdict = "ok" if self.passed else "FAILED"
+        if self.message:
+            return f"{self.name!r}: {verdict}, {self.message}"
+        if self.mode == "exact":
+            return f"{self.name!r}: {verdict}, exact comparison, max error {self.error:.3g}"
+        sources = ", ".join(f"{k} {v:.3g}" for k, v in self.noise_sources.items())
+        limit = (
+            f"atol {self.atol:g} + rtol {self.rtol:g}·|ref|"
+            if self.mode == "tolerance"
+            else f"threshold {self.threshold:.3g}"
+        )
+        extra = (
+            f", {self.nan_or_inf_mismatch} NaN/Inf mismatch(es)" if self.nan_or_inf_mismatch else ""
+        )
+        return (
+            f"{self.name!r}: {verdict}, error {self.error:.3g} vs {limit} "
+            f"(noise {self.noise:.3g}: {sources}; max |ref| {self.scale:.3g}; "
+            f"margin {self.margin:.3g}x){extra}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         def num(v: float | None) -> float | None:
             return None if v is None or not math.isfinite(v) else float(v)

@@ -36,6 +36,8 @@ def test_deep_net_correct_fold_passes_where_a_fixed_tolerance_refuses(deep):
     assert out.mode == "calibrated" and out.scale > 1e5
     assert 0 < out.error <= out.threshold and out.margin >= 1
     assert out.noise_sources["ort_basic"] > 0 and out.noise_sources["weight_ulp"] > 0
+    line = out.summary()
+    assert line.startswith("'logits': ok, error") and "ort_basic" in line and "\n" not in line
     # the same error is beyond the old fixed default (atol = rtol = 1e-4) on some element, and
     # an explicit tolerance keeps meaning exactly that: element-wise, no calibration
     strict = verify_calibrated(model, folded, atol=1e-4, rtol=1e-4)
