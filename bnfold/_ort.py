@@ -10,24 +10,36 @@ element types numpy cannot hand to ONNX Runtime directly (bfloat16, float8) live
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
 
 from bnfold._text import first_line
-from bnfold.errors import InvalidModelError, UsageError
+from bnfold.errors import InvalidModelError, UsageError, VerificationTimeout
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
 __all__ = [
+    "DEFAULT_VERIFY_TIMEOUT",
+    "Cancelled",
     "OPTIMIZATION_LEVELS",
+    "VerificationTimeout",
+    "cancel_on_signals",
+    "resolve_verify_timeout",
+    "terminate_all",
+    "time_budget",
     "OrtRunError",
     "PROVIDER_ALIASES",
     "make_runner",
@@ -197,6 +209,169 @@ def _from_ort_value(value: Any) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
 
+# --- time budget and cancellation -----------------------------------------------------------------
+
+#: seconds a verification may take unless ``--verify-timeout`` or ``BNFOLD_VERIFY_TIMEOUT`` says
+#: otherwise; generous for real models on CPU, finite so that nothing hangs forever
+DEFAULT_VERIFY_TIMEOUT = 600.0
+TIMEOUT_ENV = "BNFOLD_VERIFY_TIMEOUT"
+_POLL_SECONDS = 0.05
+
+
+class Cancelled(KeyboardInterrupt):
+    """A run was ended by SIGINT or SIGTERM (see :func:`cancel_on_signals`). A KeyboardInterrupt,
+    so ``finally`` blocks (staging cleanup) run; ``signum`` tells the CLI its exit code
+    (``128 + signum``: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(f"cancelled by signal {int(signum)}")
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_active: set[Any] = set()  # RunOptions of the runs in flight
+_active_lock = threading.Lock()
+_deadline: list[tuple[float, float]] = []  # stack of (deadline, budget seconds)
+
+
+def resolve_verify_timeout(value: float | str | None = None) -> float | None:
+    """The verification budget in seconds: ``value`` (the ``--verify-timeout`` option) if given,
+    else ``$BNFOLD_VERIFY_TIMEOUT``, else :data:`DEFAULT_VERIFY_TIMEOUT`. ``0``, ``"none"`` or
+    ``"off"`` mean no limit (``None``). Raises :class:`UsageError` for anything else that is not a
+    positive number of seconds."""
+    source = "--verify-timeout"
+    if value is None:
+        value, source = os.environ.get(TIMEOUT_ENV), TIMEOUT_ENV
+        if value is None or not str(value).strip():
+            return DEFAULT_VERIFY_TIMEOUT
+    text = str(value).strip().lower()
+    if text in ("none", "off", "0", "0.0", "inf"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UsageError(
+            f"{source} must be a number of seconds (0 or 'none' for no limit), got {str(value)[:40]!r}"
+        )
+    return seconds or None
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float | None) -> Iterator[None]:
+    """Every :func:`run` inside the block ends by ``seconds`` from now (``None``: no limit),
+    raising :class:`VerificationTimeout`. Nested budgets: the earliest deadline wins."""
+    if seconds is None:
+        yield
+        return
+    deadline = time.monotonic() + float(seconds)
+    if _deadline and _deadline[-1][0] < deadline:
+        deadline, seconds = _deadline[-1]
+    _deadline.append((deadline, float(seconds)))
+    try:
+        yield
+    finally:
+        _deadline.pop()
+
+
+def terminate_all() -> int:
+    """Ask every run in flight to stop (``RunOptions.terminate``); returns how many. Safe to call
+    from a signal handler or another thread; ORT checks the flag between kernels and loop
+    iterations, so the run returns within about one kernel's time."""
+    with _active_lock:
+        active = list(_active)
+    for options in active:
+        options.terminate = True
+    return len(active)
+
+
+@contextlib.contextmanager
+def cancel_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM terminate every ORT run in flight and raise
+    :class:`Cancelled` in the main thread (so cleanup in ``finally`` blocks runs). Only from the
+    main thread; elsewhere it does nothing. Previous handlers are restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        terminate_all()
+        raise Cancelled(signum)
+
+    previous = {}
+    for sig in signals:
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run_bounded(session: Any, call: Callable[[Any], Any]) -> Any:
+    """``call(run_options)`` in a worker thread, the calling thread waiting in Python so that
+    signals are handled at once; the run is terminated at the deadline or on interruption."""
+    import onnxruntime as ort
+
+    if _deadline:
+        deadline, budget = _deadline[-1]
+    else:
+        budget = resolve_verify_timeout()
+        deadline = math.inf if budget is None else time.monotonic() + budget
+    if time.monotonic() >= deadline:
+        raise VerificationTimeout(_timeout_message(budget))
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    outcome: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["value"] = call(options)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    with _active_lock:
+        _active.add(options)
+    worker = threading.Thread(target=work, name="bnfold-ort-run", daemon=True)
+    timed_out = False
+    try:
+        worker.start()
+        while not finished.wait(_POLL_SECONDS):
+            if time.monotonic() >= deadline:
+                timed_out = True
+                options.terminate = True
+                finished.wait()
+                break
+    except BaseException:
+        options.terminate = True  # Ctrl-C or a signal handler's exception: stop ORT, then go
+        finished.wait(5.0)
+        raise
+    finally:
+        with _active_lock:
+            _active.discard(options)
+    if timed_out:
+        raise VerificationTimeout(_timeout_message(budget))
+    if "error" in outcome:
+        if options.terminate:
+            raise Cancelled()  # terminated by terminate_all() from another thread
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _timeout_message(budget: float | None) -> str:
+    return (
+        f"verification did not finish within its time budget of {budget:g} s; raise it with "
+        f"--verify-timeout or {TIMEOUT_ENV} (0 for no limit), or skip it with --no-verify"
+    )
+
+
 def run(
     session: onnxruntime.InferenceSession,
     feeds: Mapping[str, np.ndarray],
@@ -206,6 +381,12 @@ def run(
 
     bfloat16 and float8 tensors, which ORT's numpy bridge rejects, are passed as raw bits and
     come back as ``ml_dtypes`` arrays. Raises :class:`OrtRunError` with a one-line message.
+
+    The run is bounded: inside :func:`time_budget` by its deadline, otherwise by
+    :func:`resolve_verify_timeout` (``BNFOLD_VERIFY_TIMEOUT``, default
+    :data:`DEFAULT_VERIFY_TIMEOUT`); past it ORT is told to terminate and
+    :class:`VerificationTimeout` is raised. Ctrl-C, or :func:`terminate_all` from a signal
+    handler, terminates it as well (KeyboardInterrupt / :class:`Cancelled`).
     """
     names = list(output_names) if output_names is not None else None
     try:
@@ -215,7 +396,9 @@ def run(
             if names is None or o.name in names
         )
         if not raw_io:
-            return [np.asarray(a) for a in session.run(names, dict(feeds))]
+            arrays = dict(feeds)
+            outs = _run_bounded(session, lambda options: session.run(names, arrays, options))
+            return [np.asarray(a) for a in outs]
         import onnxruntime as ort
 
         values = {
@@ -224,7 +407,12 @@ def run(
             else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
             for name, a in ((n, np.asarray(v)) for n, v in feeds.items())
         }
-        return [_from_ort_value(v) for v in session.run_with_ort_values(names, values)]
+        outs = _run_bounded(
+            session, lambda options: session.run_with_ort_values(names, values, options)
+        )
+        return [_from_ort_value(v) for v in outs]
+    except (VerificationTimeout, KeyboardInterrupt):
+        raise
     except Exception as exc:
         raise OrtRunError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
 

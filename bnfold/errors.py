@@ -21,6 +21,7 @@ __all__ = [
     "ResourceError",
     "UntrustedInputError",
     "resource_error",
+    "VerificationTimeout",
 ]
 
 import errno as _errno
@@ -122,3 +123,10 @@ def resource_error(exc: BaseException, where: str = "") -> ResourceError | None:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return ResourceError(f"{prefix}out of memory ({first})")
     return None
+
+
+class VerificationTimeout(BnfoldError):
+    """Verification did not finish within its time budget (``--verify-timeout``,
+    ``BNFOLD_VERIFY_TIMEOUT``). Not a mismatch: the model is unverified. Exit code 3."""
+
+    exit_code = 3

@@ -705,6 +705,16 @@ def from_proto(proto: onnx.ModelProto) -> ir.Model:
     return _deserialize(proto, "model")
 
 
+def from_bytes(data: bytes) -> ir.Model:
+    """Parse a serialized ModelProto (validated like :func:`load`, without external data)."""
+    try:
+        proto = onnx.ModelProto.FromString(bytes(data))
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise InvalidModelError(f"not a valid ONNX model ({_first_line(exc)})") from None
+    _check_model_proto(proto, "model")
+    return _deserialize(proto, "model")
+
+
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
