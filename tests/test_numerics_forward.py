@@ -51,7 +51,9 @@ def conv_cases(draw):
     dilations = [draw(st.integers(1, 2)) for _ in range(n)]
     # At least the dilated kernel's extent, so the Conv output is never empty (an empty output is
     # refused by the fold, correctly, and is not the identity under test).
-    spatial = [draw(st.integers((k - 1) * dil + 1, 7)) for k, dil in zip(kernel, dilations)]
+    spatial = [
+        draw(st.integers((k - 1) * dil + 1, 7)) for k, dil in zip(kernel, dilations, strict=True)
+    ]
     pads = [draw(st.integers(0, kernel[d % n] - 1)) for d in range(2 * n)]
     strides = [draw(st.integers(1, 2)) for _ in range(n)]
     seed = draw(st.integers(0, 2**16))
