@@ -105,3 +105,17 @@ def test_the_package_is_typed():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["bnfold"]
+
+
+# --------------------------------------------------------------------------------------- test suite
+def test_the_longest_tests_are_marked_slow():
+    """`python -m pytest -m "not slow"` is the quick local loop: the SIGKILL crash test and the
+    long differential fuzz carry the declared ``slow`` marker (CI runs everything)."""
+    import test_crash
+    import test_fuzz
+
+    for test in (
+        test_crash.test_sigkill_never_leaves_a_half_written_output,
+        test_fuzz.test_fold_is_equivalent_or_kept_with_a_reason,
+    ):
+        assert "slow" in {m.name for m in getattr(test, "pytestmark", [])}, test.__name__
