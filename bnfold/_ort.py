@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 
+from bnfold._text import first_line
 from bnfold.errors import InvalidModelError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,9 +109,7 @@ def error_reason(error: Exception) -> str:
 
 def _first_line(exc: BaseException) -> str:
     """ORT's message without the ``[ONNXRuntimeError] : 1 : FAIL :`` noise, first line only."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return _ORT_ERROR_PREFIX.sub("", line).strip() or type(exc).__name__
+    return _ORT_ERROR_PREFIX.sub("", first_line(exc)).strip() or type(exc).__name__
 
 
 def make_session(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FoldResult", "fold", "fold_model"]
+__all__ = ["FoldOptions", "FoldResult", "fold", "fold_model", "fold_with"]
 
 import logging
 import os
@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from . import io as _io
 from .errors import UsageError
+from .options import FoldOptions
 from .passes import BatchNormFoldPass
 from .report import BNDecision, FoldReport
 
@@ -81,6 +82,8 @@ def fold(
     progress: ProgressFn | None = None,
     lower_remaining: bool = False,
     duplicate_shared: bool = False,
+    bench: bool = False,
+    options: FoldOptions | None = None,
 ) -> FoldResult:
     """Fold every foldable inference-mode BatchNormalization of ``model``.
 
@@ -104,16 +107,78 @@ def fold(
             "kept", with direction "lowered".
         duplicate_shared: where a producer's output also feeds other nodes, fold into a copy of
             the producer (costs its compute twice; said in the decision's detail).
+        bench: after the output is written, time the input file against it under ONNX Runtime
+            (``report.bench``); needs a model path and an ``output``.
+        options: all of the above (but ``progress``) as one :class:`~bnfold.options.FoldOptions`;
+            then leave the keywords at their defaults.
 
     Returns:
         A :class:`FoldResult`; a failed verification is a value (``bool(result)`` is False), not an
         exception. Bad input raises a :class:`~bnfold.errors.BnfoldError`.
     """
-    timings: dict[str, float] = {}
-    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-    kind, input_path = _kind_of(model)
-    t0 = time.perf_counter()
+    opts = FoldOptions.from_keywords(
+        options,
+        verify=verify,
+        input_shapes=input_shapes,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        strict=strict,
+        external_data=external_data,
+        lower_remaining=lower_remaining,
+        duplicate_shared=duplicate_shared,
+        bench=bench,
+    )
+    return fold_with(model, output, opts, progress=progress)
 
+
+def fold_with(
+    model: str | os.PathLike | Any,
+    output: str | os.PathLike | None,
+    options: FoldOptions,
+    *,
+    progress: ProgressFn | None = None,
+) -> FoldResult:
+    """:func:`fold` with its options as one :class:`FoldOptions`; the phases, in order."""
+    options.refuse(("opset",), "bnfold.fold", "it applies to PyTorch inputs only")
+    job = _load(model, output, options)
+    try:
+        _keep_reference(job, model)
+        report = _run_pass(job)
+        _write_and_verify(job, report, progress)
+        _bench(job, report, progress)
+    finally:
+        if job.work is not None:
+            shutil.rmtree(job.work, ignore_errors=True)
+    report.timings = job.timings
+    return FoldResult(model=_result_model(job), report=report)
+
+
+@dataclass
+class _Job:
+    """One run of :func:`fold_with`: what was loaded, where it goes, and what each phase timed."""
+
+    options: FoldOptions
+    kind: str  # "path", "proto" or "ir"
+    input_path: Path | None
+    ir_model: ir.Model
+    protected: set[Path]
+    out_path: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+    work: Path | None = None  # a scratch folder, removed at the end
+    reference: str | None = None  # the original as a file, for verification
+    use_external: bool = False
+    staged: _io.StagedOutput | None = None
+
+
+def _load(model: Any, output: str | os.PathLike | None, options: FoldOptions) -> _Job:
+    """Load the model (a path, a ModelProto or an onnx_ir.Model) and check the output path."""
+    kind, input_path = _kind_of(model)
+    if options.bench and (kind != "path" or not output):
+        raise UsageError(
+            "bench times the input file against the written output: give a model path and an output"
+        )
+    t0 = time.perf_counter()
     protected: set[Path] = set()
     if kind == "path":
         ir_model = _io.load(input_path)
@@ -128,96 +193,126 @@ def fold(
         if output
         else None
     )
-    timings["load"] = time.perf_counter() - t0
+    job = _Job(options, kind, input_path, ir_model, protected, out_path)
+    job.timings["load"] = time.perf_counter() - t0
+    return job
 
-    work = Path(tempfile.mkdtemp(prefix="bnfold-")) if verify and kind != "path" else None
-    try:
-        reference: str | None = str(input_path) if kind == "path" else None
-        if verify and kind != "path":
-            # The original must be kept for comparison before the in-place pass changes it.
-            ref_file = work / "reference.onnx"
-            if kind == "proto":
-                _io.save_proto_to(model, ref_file)
-            else:
-                _io.save_ir_to(ir_model, ref_file)
-            reference = str(ref_file)
 
-        nodes_before = _count_nodes(ir_model)
-        # Decide before folding: folded weights are lazy tensors, no longer ExternalTensors.
-        use_external = _io.needs_external_data(ir_model) if external_data is None else external_data
-        t1 = time.perf_counter()
-        decisions = fold_model(
-            ir_model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
-        )
-        timings["fold"] = time.perf_counter() - t1
-
-        report = FoldReport(
-            decisions=decisions,
-            input=str(input_path) if input_path else None,
-            output=str(out_path) if out_path else None,
-            strict=strict,
-            nodes_before=nodes_before,
-            nodes_after=_count_nodes(ir_model),
-        )
-        if external_data is None and not use_external:
-            use_external = _io.needs_external_data(ir_model)  # the fold may have grown the model
-
-        staged = None
-        if out_path is not None or verify:
-            target = (
-                out_path
-                if out_path is not None
-                else (work or Path(tempfile.mkdtemp(prefix="bnfold-"))) / "folded.onnx"
-            )
-            if work is None and out_path is None:
-                work = target.parent
-            t2 = time.perf_counter()
-            staged = _io.StagedOutput(
-                target, protected=protected | ({input_path} if input_path else set())
-            )
-            staged.write(
-                ir_model,
-                external=use_external,
-                progress=(lambda d, n: progress("save", d, n)) if progress else None,
-            )
-            timings["save"] = time.perf_counter() - t2
-
-        try:
-            if verify:
-                from .compare import verify_models
-
-                t3 = time.perf_counter()
-                if progress:
-                    progress("verify", 0, 1)
-                report.verification = verify_models(
-                    reference,
-                    str(staged.path),
-                    input_shapes=shapes or None,
-                    seed=seed,
-                    atol=atol,
-                    rtol=rtol,
-                )
-                if progress:
-                    progress("verify", 1, 1)
-                timings["verify"] = time.perf_counter() - t3
-            if out_path is not None and not report.verification_failed:
-                staged.commit()
-                report.written = True
-        finally:
-            if staged is not None and not staged.committed:
-                staged.discard()
-    finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-
-    report.timings = timings
-    if kind == "proto":
-        result_model: Any = _io.to_proto(ir_model)
-    elif kind == "path" and out_path is not None:
-        result_model = out_path
+def _keep_reference(job: _Job, model: Any) -> None:
+    """Keep the original as a file for verification, before the in-place pass changes it."""
+    if job.kind == "path":
+        job.reference = str(job.input_path)
+        return
+    if not job.options.verify:
+        return
+    job.work = Path(tempfile.mkdtemp(prefix="bnfold-"))
+    ref_file = job.work / "reference.onnx"
+    if job.kind == "proto":
+        _io.save_proto_to(model, ref_file)
     else:
-        result_model = ir_model
-    return FoldResult(model=result_model, report=report)
+        _io.save_ir_to(job.ir_model, ref_file)
+    job.reference = str(ref_file)
+
+
+def _run_pass(job: _Job) -> FoldReport:
+    """Run the fold pass in place and start the report."""
+    opts = job.options
+    nodes_before = _count_nodes(job.ir_model)
+    # Decide before folding: folded weights are lazy tensors, no longer ExternalTensors.
+    external = opts.external_data
+    job.use_external = _io.needs_external_data(job.ir_model) if external is None else external
+    t1 = time.perf_counter()
+    decisions = fold_model(
+        job.ir_model,
+        lower_remaining=opts.lower_remaining,
+        duplicate_shared=opts.duplicate_shared,
+    )
+    job.timings["fold"] = time.perf_counter() - t1
+    if external is None and not job.use_external:
+        job.use_external = _io.needs_external_data(job.ir_model)  # the fold may have grown it
+    return FoldReport(
+        decisions=decisions,
+        input=str(job.input_path) if job.input_path else None,
+        output=str(job.out_path) if job.out_path else None,
+        strict=opts.strict,
+        nodes_before=nodes_before,
+        nodes_after=_count_nodes(job.ir_model),
+    )
+
+
+def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None) -> None:
+    """Stage the output, verify it against the reference, commit it only when that passed."""
+    verify = job.options.verify
+    if job.out_path is None and not verify:
+        return
+    target = job.out_path
+    if target is None:
+        if job.work is None:
+            job.work = Path(tempfile.mkdtemp(prefix="bnfold-"))
+        target = job.work / "folded.onnx"
+    t2 = time.perf_counter()
+    inputs = {job.input_path} if job.input_path else set()
+    staged = _io.StagedOutput(target, protected=job.protected | inputs)
+    try:
+        staged.write(
+            job.ir_model,
+            external=job.use_external,
+            progress=(lambda d, n: progress("save", d, n)) if progress else None,
+        )
+        job.timings["save"] = time.perf_counter() - t2
+        if verify:
+            report.verification = _verify(job, str(staged.path), progress)
+        if job.out_path is not None and not report.verification_failed:
+            staged.commit()
+            report.written = True
+    finally:
+        if not staged.committed:
+            staged.discard()
+
+
+def _verify(job: _Job, candidate: str, progress: ProgressFn | None):  # noqa: ANN202
+    from .compare import verify_models
+
+    opts = job.options
+    t3 = time.perf_counter()
+    if progress:
+        progress("verify", 0, 1)
+    result = verify_models(
+        job.reference,
+        candidate,
+        input_shapes=dict(opts.input_shapes) or None,
+        seed=opts.seed,
+        atol=opts.atol,
+        rtol=opts.rtol,
+    )
+    if progress:
+        progress("verify", 1, 1)
+    job.timings["verify"] = time.perf_counter() - t3
+    return result
+
+
+def _bench(job: _Job, report: FoldReport, progress: ProgressFn | None) -> None:
+    """With ``bench``: time the input file against the written output."""
+    if not (job.options.bench and report.written):
+        return
+    from .latency import bench as run_bench
+
+    report.bench = run_bench(
+        [job.input_path, job.out_path],
+        input_shapes=dict(job.options.input_shapes) or None,
+        seed=job.options.seed,
+        labels=["original", "folded"],
+        progress=(lambda d, n: progress("bench", d, n)) if progress else None,
+    )
+
+
+def _result_model(job: _Job) -> Any:
+    """The same kind as given: a ModelProto, the written path, or the onnx_ir.Model."""
+    if job.kind == "proto":
+        return _io.to_proto(job.ir_model)
+    if job.kind == "path" and job.out_path is not None:
+        return job.out_path
+    return job.ir_model
 
 
 def _kind_of(model: Any) -> tuple[str, Path | None]:

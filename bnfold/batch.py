@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BnfoldError, UsageError
+from .options import FoldOptions
 
 _SKIP_SUFFIXES = (".folded.onnx",)
 
@@ -138,25 +139,31 @@ def is_torch_input(path: str | os.PathLike) -> bool:
     return is_torch_file(p)
 
 
-def fold_any(model: str | os.PathLike, output: str | os.PathLike, **options: Any):
+def fold_any(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    options: FoldOptions | None = None,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+):  # noqa: ANN201 - bnfold.api.FoldResult
     """``bnfold.fold`` for ONNX files, ``bnfold.torch.fold_file`` (export, fold, verify against
-    PyTorch) for PyTorch files. ``trust_pickle`` only applies to PyTorch files."""
-    trust_pickle = options.pop("trust_pickle", False)
+    PyTorch) for PyTorch files, with the same :class:`FoldOptions`. ``trust_pickle`` and ``opset``
+    only apply to PyTorch files (a permission and an export setting: ONNX files ignore them)."""
+    opts = options if options is not None else FoldOptions()
     if is_torch_input(model):
         from .torch import fold_file
 
-        options.pop("progress", None)
-        return fold_file(model, output, trust_pickle=trust_pickle, **options)
-    from .api import fold
+        return fold_file(model, output, options=opts)
+    from .api import fold_with
 
-    return fold(model, output, **options)
+    return fold_with(model, output, opts.replace(trust_pickle=False, opset=17), progress=progress)
 
 
-def _fold_one(task: tuple[str, str | None, dict[str, Any]]) -> BatchItem:
+def _fold_one(task: tuple[str, str | None, FoldOptions]) -> BatchItem:
     """Worker: fold one model; never raises for the user's errors (they become the item's error)."""
     src, dst, options = task
     try:
-        result = fold_any(src, dst, **dict(options))
+        result = fold_any(src, dst, options)
     except BnfoldError as exc:
         return BatchItem(src, dst, exc.exit_code, error=str(exc))
     report = result.report
@@ -167,14 +174,15 @@ def fold_many(
     tasks: Sequence[tuple[Path, Path]],
     *,
     jobs: int = 1,
-    options: dict[str, Any] | None = None,
+    options: FoldOptions | None = None,
     on_done: Callable[[BatchItem, int, int], None] | None = None,
 ) -> BatchResult:
-    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``."""
+    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``.
+
+    Every model gets the same ``options`` (a frozen, picklable :class:`FoldOptions`)."""
     import time
 
-    opts = dict(options or {})
-    opts.pop("progress", None)  # a callback cannot cross processes
+    opts = options if options is not None else FoldOptions()
     work = [(str(src), str(dst), opts) for src, dst in tasks]
     for _, dst, _ in work:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
@@ -242,13 +250,16 @@ class CheckResult:
 def check_model(
     path: str | os.PathLike,
     *,
+    allow: int = 0,
     allow_nodes: Sequence[str] = (),
     against: str | os.PathLike | None = None,
     verify_options: dict[str, Any] | None = None,
 ) -> CheckResult:
     """Read-only gate: fold a copy in memory (nothing is written) and list the BNs that folded.
 
-    With ``against`` (the original model), also verify ``path`` against it under ONNX Runtime.
+    It passes while at most ``allow`` foldable BNs remain (besides those in ``allow_nodes``). With
+    ``against`` (the original model), also verify ``path`` against it under ONNX Runtime; a
+    failed verification fails the check whatever ``allow`` says.
     """
     from . import io as _io
     from .api import fold_model
@@ -260,13 +271,13 @@ def check_model(
     except BnfoldError as exc:
         result.error, result.exit_code = str(exc), exc.exit_code
         return result
-    allow = set(allow_nodes)
+    allowed_names = set(allow_nodes)
     result.batchnorms = len(decisions)
     for d in decisions:
         entry = d.to_dict()
         if not d.folded:
             result.kept.append(entry)
-        elif d.name in allow:
+        elif d.name in allowed_names:
             result.allowed.append(entry)
         else:
             result.foldable.append(entry)
@@ -283,5 +294,5 @@ def check_model(
         and not result.verification
         and not (result.verification.skipped_reason)
     )
-    result.exit_code = 1 if (result.foldable or failed_verification) else 0
+    result.exit_code = 1 if (len(result.foldable) > allow or failed_verification) else 0
     return result

@@ -78,6 +78,7 @@ from bnfold import _ort
 from bnfold import io as _io
 from bnfold.compare import OutputComparison, check_tolerance, compare_outputs, make_inputs
 from bnfold.errors import InvalidModelError, UsageError
+from bnfold.render.text import inert
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Divergence", "LocalizeResult", "Producer", "localize"]
 
@@ -424,117 +425,180 @@ def localize(
     tolerances).
     """
     started = time.perf_counter()
-    atol = None if atol is None else check_tolerance(atol, "atol")
-    rtol = None if rtol is None else check_tolerance(rtol, "rtol")
+    search = _Search(
+        atol=None if atol is None else check_tolerance(atol, "atol"),
+        rtol=None if rtol is None else check_tolerance(rtol, "rtol"),
+        seed=seed,
+        input_shapes=input_shapes,
+    )
+    chunk_size = _check_chunk_size(chunk_size)
+
+    def result(
+        divergence: Divergence | None, shared: int, message: str | None = None
+    ) -> LocalizeResult:
+        outcome = LocalizeResult(
+            divergence=divergence,
+            checked=search.checked,
+            shared=shared,
+            message=message,
+            seed=seed,
+            input_shapes=search.used_shapes,
+            seconds=time.perf_counter() - started,
+        )
+        logger.info("localize: %s", inert(outcome.describe()))
+        return outcome
+
+    work = Path(tempfile.mkdtemp(prefix="bnfold-localize-"))
+    try:
+        plan = search.prepare(reference, candidate, work)
+        if not plan:
+            return result(
+                None, 0, "the models share no floating-point tensor names; nothing to compare"
+            )
+        for start in range(0, len(plan), chunk_size):
+            try:
+                divergence = search.check_chunk(plan[start : start + chunk_size])
+            except _CannotRun as failure:
+                return result(None, len(plan), str(failure))
+            if divergence is not None:
+                return result(divergence, len(plan))
+        message = (
+            f"all {search.checked} compared shared tensors match (of {len(plan)} shared); the "
+            "difference, if any, arises in tensors the models name differently"
+        )
+        return result(None, len(plan), message)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_chunk_size(chunk_size: Any) -> int:
     if (
         isinstance(chunk_size, bool)
         or not isinstance(chunk_size, (int, np.integer))
         or chunk_size < 1
     ):
         raise UsageError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    used_shapes: dict[str, list[int]] = {}
+    return int(chunk_size)
 
-    def result(
-        divergence: Divergence | None, checked: int, shared: int, message: str | None = None
-    ) -> LocalizeResult:
-        outcome = LocalizeResult(
-            divergence=divergence,
-            checked=checked,
-            shared=shared,
-            message=message,
-            seed=seed,
-            input_shapes=used_shapes,
-            seconds=time.perf_counter() - started,
-        )
-        logger.info("localize: %s", outcome.describe())
-        return outcome
 
-    work = Path(tempfile.mkdtemp(prefix="bnfold-localize-"))
-    try:
+class _CannotRun(Exception):
+    """ONNX Runtime cannot load or run one of the models: the search ends with this message."""
+
+
+_Plan = list[tuple[str, tuple[str, ...]]]  # (candidate tensor, reference counterparts)
+
+
+@dataclass
+class _Search:
+    """One search's settings and state: both models (indexed and staged), the inputs, how many
+    tensors were compared, and the tensors that matched (where upstream chains stop)."""
+
+    atol: float | None
+    rtol: float | None
+    seed: int
+    input_shapes: Mapping[str, tuple[int, ...]] | None
+    used_shapes: dict[str, list[int]] = field(default_factory=dict)
+    checked: int = 0
+    feeds: dict[str, np.ndarray] | None = None
+    passed_cand: set[str] = field(default_factory=set)
+    passed_ref: set[str] = field(default_factory=set)
+    # Set by prepare():
+    ref: _Index = field(init=False)
+    cand: _Index = field(init=False)
+    ref_stage: _Stage = field(init=False)
+    cand_stage: _Stage = field(init=False)
+
+    def prepare(self, reference: Any, candidate: Any, work: Path) -> _Plan:
+        """Load both models and return the shared tensors to compare, in candidate order."""
         ref_model = _load(reference, "reference", work)
         cand_model = _load(candidate, "candidate", work)
-        ref, cand = _Index(ref_model), _Index(cand_model)
-        plan = _shared(cand, ref)
-        if not plan:
-            return result(
-                None, 0, 0, "the models share no floating-point tensor names; nothing to compare"
-            )
-        ref_stage = _Stage(ref_model, ref.values, work / "reference")
-        cand_stage = _Stage(cand_model, cand.values, work / "candidate")
+        self.ref, self.cand = _Index(ref_model), _Index(cand_model)
+        self.ref_stage = _Stage(ref_model, self.ref.values, work / "reference")
+        self.cand_stage = _Stage(cand_model, self.cand.values, work / "candidate")
+        return _shared(self.cand, self.ref)
 
-        feeds: dict[str, np.ndarray] | None = None
-        checked = 0
-        passed_cand: set[str] = set()
-        passed_ref: set[str] = set()
-        for start in range(0, len(plan), int(chunk_size)):
-            chunk = plan[start : start + int(chunk_size)]
+    def check_chunk(self, chunk: _Plan) -> Divergence | None:
+        """Run both models exposing one chunk of shared tensors; the first that differs, if any."""
+        expected = self._run_reference(chunk)
+        items = [(n, tuple(c for c in cps if c in expected)) for n, cps in chunk]
+        items = [(n, cps) for n, cps in items if cps]
+        if not items:
+            return None
+        produced = self._run_candidate([n for n, _ in items])
+        return self._first_difference(items, expected, produced)
 
-            # 1. The reference: run, keep its floating-point tensors, drop the session.
-            wanted = list(dict.fromkeys(c for _, counterparts in chunk for c in counterparts))
-            try:
-                session = ref_stage.session(wanted)
-                if feeds is None:
-                    feeds = make_inputs(session.get_inputs(), input_shapes=input_shapes, seed=seed)
-                    used_shapes.update({k: [int(d) for d in v.shape] for k, v in feeds.items()})
-                floats = [o.name for o in session.get_outputs() if _is_float_type(o.type)]
-                floats = [n for n in floats if n in set(wanted)]
-                expected = dict(zip(floats, _ort.run(session, feeds, floats), strict=True))
-            except (InvalidModelError, _ort.OrtRunError) as error:
-                message = f"ONNX Runtime cannot run the reference model: {_ort.error_reason(error)}"
-                return result(None, checked, len(plan), message)
-            finally:
-                session = None
-                gc.collect()
-
-            # 2. The candidate: run, compare in topological order, stop at the first difference.
-            items = [(n, tuple(c for c in cps if c in expected)) for n, cps in chunk]
-            items = [(n, cps) for n, cps in items if cps]
-            if not items:
-                continue
-            try:
-                session = cand_stage.session([n for n, _ in items])
-                exposed = {o.name for o in session.get_outputs()}
-                names = [n for n, _ in items if n in exposed]
-                produced = dict(zip(names, _ort.run(session, feeds, names), strict=True))
-            except (InvalidModelError, _ort.OrtRunError) as error:
-                message = f"ONNX Runtime cannot run the candidate model: {_ort.error_reason(error)}"
-                return result(None, checked, len(plan), message)
-            finally:
-                session = None
-                gc.collect()
-
-            for name, counterparts in items:
-                if name not in produced:
-                    continue
-                checked += 1
-                comparisons = [
-                    compare_outputs(name, expected[c], produced[name], atol=atol, rtol=rtol)
-                    for c in counterparts
-                ]
-                match = next((i for i, c in enumerate(comparisons) if c.passed), None)
-                if match is not None:
-                    passed_cand.add(name)
-                    passed_ref.add(counterparts[match])
-                    continue
-                producer = cand.producer(name)
-                divergence = Divergence(
-                    tensor=name,
-                    node=producer.name,
-                    op_type=producer.op_type,
-                    comparison=comparisons[0],
-                    checked=checked,
-                    reference_tensor=counterparts[0],
-                    candidate_producer=producer,
-                    reference_producer=ref.producer(counterparts[0]),
-                    candidate_chain=cand.chain(name, passed_cand),
-                    reference_chain=ref.chain(counterparts[0], passed_ref),
+    def _run_reference(self, chunk: _Plan) -> dict[str, np.ndarray]:
+        """Run the reference, keep its floating-point tensors, drop the session."""
+        wanted = list(dict.fromkeys(c for _, counterparts in chunk for c in counterparts))
+        session = None
+        try:
+            session = self.ref_stage.session(wanted)
+            if self.feeds is None:
+                self.feeds = make_inputs(
+                    session.get_inputs(), input_shapes=self.input_shapes, seed=self.seed
                 )
-                return result(divergence, checked, len(plan))
-            del expected, produced
-        message = (
-            f"all {checked} compared shared tensors match (of {len(plan)} shared); the difference, "
-            "if any, arises in tensors the models name differently"
-        )
-        return result(None, checked, len(plan), message)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                self.used_shapes.update(
+                    {k: [int(d) for d in v.shape] for k, v in self.feeds.items()}
+                )
+            floats = [o.name for o in session.get_outputs() if _is_float_type(o.type)]
+            floats = [n for n in floats if n in set(wanted)]
+            return dict(zip(floats, _ort.run(session, self.feeds, floats), strict=True))
+        except (InvalidModelError, _ort.OrtRunError) as error:
+            raise _CannotRun(
+                f"ONNX Runtime cannot run the reference model: {_ort.error_reason(error)}"
+            ) from None
+        finally:
+            session = None
+            gc.collect()
+
+    def _run_candidate(self, wanted: list[str]) -> dict[str, np.ndarray]:
+        """Run the candidate exposing ``wanted`` (those ORT accepts), drop the session."""
+        assert self.feeds is not None
+        session = None
+        try:
+            session = self.cand_stage.session(wanted)
+            exposed = {o.name for o in session.get_outputs()}
+            names = [n for n in wanted if n in exposed]
+            return dict(zip(names, _ort.run(session, self.feeds, names), strict=True))
+        except (InvalidModelError, _ort.OrtRunError) as error:
+            raise _CannotRun(
+                f"ONNX Runtime cannot run the candidate model: {_ort.error_reason(error)}"
+            ) from None
+        finally:
+            session = None
+            gc.collect()
+
+    def _first_difference(
+        self,
+        items: _Plan,
+        expected: dict[str, np.ndarray],
+        produced: dict[str, np.ndarray],
+    ) -> Divergence | None:
+        """Compare in topological order; a tensor matches when any counterpart matches."""
+        for name, counterparts in items:
+            if name not in produced:
+                continue
+            self.checked += 1
+            comparisons = [
+                compare_outputs(name, expected[c], produced[name], atol=self.atol, rtol=self.rtol)
+                for c in counterparts
+            ]
+            match = next((i for i, c in enumerate(comparisons) if c.passed), None)
+            if match is not None:
+                self.passed_cand.add(name)
+                self.passed_ref.add(counterparts[match])
+                continue
+            producer = self.cand.producer(name)
+            return Divergence(
+                tensor=name,
+                node=producer.name,
+                op_type=producer.op_type,
+                comparison=comparisons[0],
+                checked=self.checked,
+                reference_tensor=counterparts[0],
+                candidate_producer=producer,
+                reference_producer=self.ref.producer(counterparts[0]),
+                candidate_chain=self.cand.chain(name, self.passed_cand),
+                reference_chain=self.ref.chain(counterparts[0], self.passed_ref),
+            )
+        return None

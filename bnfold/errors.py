@@ -14,6 +14,10 @@ __all__ = [
     "ExternalDataError",
     "OutputError",
     "UsageError",
+    "TorchUnavailableError",
+    "UnfoldableModuleError",
+    "TrainingModeError",
+    "NoRunningStatsError",
 ]
 
 
@@ -41,3 +45,22 @@ class OutputError(BnfoldError):
 
 class UsageError(BnfoldError):
     """Options that contradict each other or cannot be parsed (e.g. a malformed --input-shape)."""
+
+
+# --- the PyTorch front end (bnfold.torch re-exports these) -------------------------------------------
+
+
+class TorchUnavailableError(UsageError):
+    """PyTorch is not installed (it is the optional ``torch`` extra)."""
+
+
+class UnfoldableModuleError(BnfoldError):
+    """The module as a whole cannot be folded (exit code 2, like every BnfoldError)."""
+
+
+class TrainingModeError(UnfoldableModuleError):
+    """The module, or one of its BatchNorms, is in training mode."""
+
+
+class NoRunningStatsError(UnfoldableModuleError):
+    """A BatchNorm has no running statistics (``track_running_stats=False``)."""

@@ -53,6 +53,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from ._text import first_line as _first_line
 from .errors import ExternalDataError, InputNotFoundError, InvalidModelError, OutputError
 
 TWO_GB = 2**31 - 1  # protobuf's hard limit on one serialized message
@@ -60,11 +61,6 @@ _HEADROOM = 64 << 20  # leave room for the graph itself when deciding on externa
 _MAX_ELEMENTS = 1 << 40  # more elements than this in one tensor is an absurd (hostile) declaration
 _MAX_NESTING = 64  # subgraphs nested deeper than this are refused (protobuf stops near 33 anyway)
 _STALE_STAGING_S = 600  # a staging folder of a dead process older than this is removed
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------ structure checks

@@ -73,7 +73,7 @@ is *not* per-channel). They compose in float64:  Mul(c): (s·c, t·c);  Add(c): 
 Sub(y, c): (s, t − c);  Sub(c, y): (−s, c − t);  Div(y, c): (s / c, t / c). Div(c, y) is not affine.
 The composed (s, t) then folds backward like a BN.
 
-A fold is refused (:class:`FoldRefused`, turned into a kept BN with that reason by the pass) when a BN
+A fold is refused (:class:`~bnfold.reasons.Refusal` with a ``SkipReason``, turned into a kept BN with that reason by the pass) when a BN
 parameter is NaN/Inf, when σ² + ε ≤ 0, or when a folded value would overflow the target dtype.
 """
 
@@ -81,6 +81,7 @@ from __future__ import annotations
 
 __all__ = [
     "FoldRefused",
+    "Refusal",
     "bn_scale_shift",
     "fold_conv",
     "fold_conv_transpose",
@@ -106,14 +107,10 @@ __all__ = [
 import ml_dtypes
 import numpy as np
 
+from .reasons import Refusal, SkipReason
 
-class FoldRefused(ValueError):
-    """The fold would not be exact or not representable. ``reason`` is a SkipReason value."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+#: The former name of :class:`~bnfold.reasons.Refusal`, kept for callers that import it.
+FoldRefused = Refusal
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -130,13 +127,13 @@ def per_channel(param: np.ndarray, channels: int, name: str) -> np.ndarray:
     if p.ndim == 1 and p.shape[0] == channels:
         return p
     if p.ndim == 0 or p.shape[0] != channels:
-        raise FoldRefused(
-            "invalid_params", f"{name} has shape {list(p.shape)}, expected [{channels}]"
+        raise Refusal(
+            SkipReason.INVALID_PARAMS, f"{name} has shape {list(p.shape)}, expected [{channels}]"
         )
     flat = p.reshape(channels, -1)
     if not np.array_equal(flat, np.broadcast_to(flat[:, :1], flat.shape), equal_nan=True):
-        raise FoldRefused(
-            "per_element_stats",
+        raise Refusal(
+            SkipReason.PER_ELEMENT_STATS,
             f"{name} has per-element values of shape {list(p.shape)} that vary within a channel",
         )
     return flat[:, 0].copy()
@@ -151,25 +148,25 @@ def bn_scale_shift(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (s, t) in float64 such that BN(x) = s · x + t per channel.
 
-    Raises FoldRefused when a parameter is not finite or σ² + ε ≤ 0.
+    Raises Refusal when a parameter is not finite or σ² + ε ≤ 0.
     """
     g, b, m, v = (_f64(x) for x in (scale, bias, mean, var))
     for name, arr in (("scale", g), ("B", b), ("mean", m), ("var", v)):
         if not np.all(np.isfinite(arr)):
-            raise FoldRefused("invalid_params", f"BN {name} contains NaN or Inf")
+            raise Refusal(SkipReason.INVALID_PARAMS, f"BN {name} contains NaN or Inf")
     if not np.isfinite(epsilon):
-        raise FoldRefused("invalid_params", f"epsilon is {epsilon}")
+        raise Refusal(SkipReason.INVALID_PARAMS, f"epsilon is {epsilon}")
     denom = v + np.float64(epsilon)
     if np.any(denom <= 0):
         bad = int(np.argmin(denom))
-        raise FoldRefused(
-            "invalid_params", f"var + epsilon = {denom[bad]:.3g} ≤ 0 at channel {bad}"
+        raise Refusal(
+            SkipReason.INVALID_PARAMS, f"var + epsilon = {denom[bad]:.3g} ≤ 0 at channel {bad}"
         )
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite s or t is refused below
         s = g / np.sqrt(denom)
         t = b - m * s
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
-        raise FoldRefused("overflow", "BN scale/shift is not finite in float64")
+        raise Refusal(SkipReason.OVERFLOW, "BN scale/shift is not finite in float64")
     return s, t
 
 
@@ -182,8 +179,8 @@ def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     # max/min instead of max(abs(.)): no temporary the size of the tensor.
     peak = max(abs(float(np.max(values))), abs(float(np.min(values)))) if values.size else 0.0
     if peak > finite_max:
-        raise FoldRefused(
-            "overflow",
+        raise Refusal(
+            SkipReason.OVERFLOW,
             f"folded {what} reaches {peak:.3g}, beyond the {dtype} maximum {finite_max:.3g}",
         )
     if dtype == ml_dtypes.bfloat16:
@@ -208,8 +205,8 @@ def _f64_to_bf16(values: np.ndarray) -> np.ndarray:
 
 def _check_channels(s: np.ndarray, channels: int, target: str) -> None:
     if s.shape[0] != channels:
-        raise FoldRefused(
-            "shape_mismatch",
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH,
             f"BN has {s.shape[0]} channels but the {target} produces {channels}",
         )
 
@@ -238,8 +235,8 @@ def fold_conv_transpose(weight: np.ndarray, s: np.ndarray, group: int) -> np.nda
     """ConvTranspose weight [Cin, Cout/g, k...] scaled along output channels, float64."""
     w = _f64(weight)
     if group < 1 or w.shape[0] % group:
-        raise FoldRefused(
-            "shape_mismatch", f"weight shape {list(w.shape)} does not fit group={group}"
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH, f"weight shape {list(w.shape)} does not fit group={group}"
         )
     cout_g = w.shape[1]
     _check_channels(s, cout_g * group, "ConvTranspose")
@@ -253,7 +250,7 @@ def fold_gemm_b(b_weight: np.ndarray, s: np.ndarray, *, trans_b: bool) -> np.nda
     """Gemm B scaled along N in float64: columns of B [K, N], or rows of B [N, K] when transB."""
     bw = _f64_copy(b_weight)
     if bw.ndim != 2:
-        raise FoldRefused("shape_mismatch", f"Gemm B has rank {bw.ndim}, expected 2")
+        raise Refusal(SkipReason.SHAPE_MISMATCH, f"Gemm B has rank {bw.ndim}, expected 2")
     _check_channels(s, bw.shape[0] if trans_b else bw.shape[1], "Gemm")
     bw *= s[:, None] if trans_b else s[None, :]
     return bw
@@ -267,8 +264,8 @@ def fold_gemm_c(c: np.ndarray | None, s: np.ndarray, t: np.ndarray, *, beta: flo
     try:
         np.broadcast_shapes(c64.shape, s.shape)
     except ValueError as exc:
-        raise FoldRefused(
-            "shape_mismatch",
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH,
             f"Gemm C of shape {list(c64.shape)} does not broadcast to N={s.shape[0]}",
         ) from exc
     return c64 * s + t
@@ -291,7 +288,7 @@ def fold_matmul(weight: np.ndarray, s: np.ndarray) -> np.ndarray:
     """MatMul weight [K, N] scaled along N (columns), float64."""
     w = _f64_copy(weight)
     if w.ndim != 2:
-        raise FoldRefused("unsupported_layout", f"MatMul weight has rank {w.ndim}, expected 2")
+        raise Refusal(SkipReason.UNSUPPORTED_LAYOUT, f"MatMul weight has rank {w.ndim}, expected 2")
     _check_channels(s, w.shape[1], "MatMul")
     w *= s[None, :]
     return w
@@ -302,12 +299,13 @@ def _conv_groups(w: np.ndarray, group: int, channels: int) -> tuple[int, int]:
     """(Cout/g, Cin/g) of a Conv weight [Cout, Cin/g, k...] whose input has ``channels`` channels."""
     cout, cin_g = w.shape[:2]
     if group < 1 or cout % group:
-        raise FoldRefused(
-            "shape_mismatch", f"Conv weight {list(w.shape)} does not fit group={group}"
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}"
         )
     if cin_g * group != channels:
-        raise FoldRefused(
-            "shape_mismatch", f"BN has {channels} channels but the Conv reads {cin_g * group}"
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH,
+            f"BN has {channels} channels but the Conv reads {cin_g * group}",
         )
     return cout // group, cin_g
 
@@ -389,8 +387,8 @@ def conv_shift_map(
         begin, end = pads[d], pads[n + d]
         out = (size + begin + end - ((k - 1) * dil + 1)) // stride + 1
         if out < 1:
-            raise FoldRefused(
-                "shape_mismatch", f"Conv output would be empty along spatial axis {d}"
+            raise Refusal(
+                SkipReason.SHAPE_MISMATCH, f"Conv output would be empty along spatial axis {d}"
             )
         pos = np.arange(out)[None, :] * stride + np.arange(k)[:, None] * dil - begin
         mask = ((pos >= 0) & (pos < size)).astype(np.float64)  # [k, out]
@@ -403,11 +401,11 @@ def fold_gemm_input(b_weight: np.ndarray, s: np.ndarray, *, trans_b: bool) -> np
     columns of B [N, K] when transB."""
     bw = _f64_copy(b_weight)
     if bw.ndim != 2:
-        raise FoldRefused("shape_mismatch", f"weight has rank {bw.ndim}, expected 2")
+        raise Refusal(SkipReason.SHAPE_MISMATCH, f"weight has rank {bw.ndim}, expected 2")
     k = bw.shape[1] if trans_b else bw.shape[0]
     if k != s.shape[0]:
-        raise FoldRefused(
-            "shape_mismatch", f"BN covers {s.shape[0]} features, the weight reads K={k}"
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH, f"BN covers {s.shape[0]} features, the weight reads K={k}"
         )
     bw *= s[None, :] if trans_b else s[:, None]
     return bw
@@ -439,9 +437,9 @@ def affine_step(
         with np.errstate(divide="ignore", invalid="ignore"):
             s2, t2 = s / c, t / c
         if not (np.all(np.isfinite(s2)) and np.all(np.isfinite(t2))):
-            raise FoldRefused("invalid_params", "division by a zero or non-finite constant")
+            raise Refusal(SkipReason.INVALID_PARAMS, "division by a zero or non-finite constant")
         return s2, t2
-    raise FoldRefused("unsupported_producer", f"{op} with the constant first is not affine")
+    raise Refusal(SkipReason.UNSUPPORTED_PRODUCER, f"{op} with the constant first is not affine")
 
 
 # A float16/bfloat16 BN whose |mean|/std exceeds this is kept: folding it moves the cancellation

@@ -1,7 +1,8 @@
 """The FoldReport value: one decision per BatchNormalization, totals, verification and timings.
 
 The report is plain data (dataclasses); :meth:`FoldReport.to_dict` is its JSON form (schema below,
-``schema_version`` bumps on any incompatible change) and :func:`render` draws it with rich for people.
+``schema_version`` bumps on any incompatible change). Drawing it for people is
+:mod:`bnfold.render` 's job (``render.console.render``, ``render.markdown.fold_markdown``).
 
 JSON schema, version 1::
 
@@ -34,78 +35,18 @@ __all__ = [
     "SkipReason",
     "BNDecision",
     "FoldReport",
-    "render",
 ]
 
-import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .compare import VerificationResult
+    from .latency import BenchResult
+
+from .reasons import SkipReason
 
 SCHEMA_VERSION = 1
-
-
-class SkipReason(str, enum.Enum):
-    """Why a BatchNormalization was kept. The value is the stable string used in JSON."""
-
-    TRAINING_MODE = "training_mode"
-    STATS_OUTPUTS_USED = "stats_outputs_used"
-    NON_CONSTANT_PARAMS = "non_constant_params"
-    OVERRIDABLE_PARAMS = "overridable_params"
-    PER_ELEMENT_STATS = "per_element_stats"
-    INVALID_PARAMS = "invalid_params"
-    OVERFLOW = "overflow"
-    SHAPE_MISMATCH = "shape_mismatch"
-    NO_PRODUCER = "no_producer"
-    UNSUPPORTED_PRODUCER = "unsupported_producer"
-    PRODUCER_OUTPUT_SHARED = "producer_output_shared"
-    NON_CONSTANT_WEIGHT = "non_constant_weight"
-    OVERRIDABLE_WEIGHT = "overridable_weight"
-    UNSUPPORTED_LAYOUT = "unsupported_layout"
-    UNSUPPORTED_DTYPE = "unsupported_dtype"
-    IN_SUBGRAPH = "in_subgraph"
-    PRECISION_LOSS = "precision_loss"
-    # PyTorch modules (bnfold.torch.fold_module)
-    NOT_TRACEABLE = "not_traceable"
-    NOT_CALLED = "not_called"
-    MODULE_REUSED = "module_reused"
-    UNKNOWN_LAYOUT = "unknown_layout"
-    HAS_HOOKS = "has_hooks"
-    PADDED_CONSUMER = "padded_consumer"
-    NON_POSITIVE_SCALE = "non_positive_scale"
-    UNKNOWN_SHAPE = "unknown_shape"
-
-    @property
-    def explanation(self) -> str:
-        return _EXPLANATIONS[self]
-
-
-_EXPLANATIONS = {
-    SkipReason.TRAINING_MODE: "the BN runs in training mode; it normalises with batch statistics",
-    SkipReason.STATS_OUTPUTS_USED: "the BN's running/saved statistics outputs are consumed",
-    SkipReason.NON_CONSTANT_PARAMS: "a BN parameter is not a constant",
-    SkipReason.OVERRIDABLE_PARAMS: "a BN parameter is an initializer that is also a graph input (IR ≥ 4), so a caller may override it",
-    SkipReason.PER_ELEMENT_STATS: "per-element statistics (spatial=0) that vary within a channel",
-    SkipReason.INVALID_PARAMS: "BN parameters are NaN/Inf, have the wrong shape, or var + epsilon ≤ 0",
-    SkipReason.OVERFLOW: "a folded value would overflow the weight's dtype",
-    SkipReason.SHAPE_MISMATCH: "BN channel count does not match the producer's output channels",
-    SkipReason.NO_PRODUCER: "the BN input is a graph input or constant, not the output of a node",
-    SkipReason.UNSUPPORTED_PRODUCER: "the node before the BN is not Conv/ConvTranspose/Gemm/MatMul, and no node after it can take the fold",
-    SkipReason.PRODUCER_OUTPUT_SHARED: "the producer's output is also used elsewhere (another node or a graph output)",
-    SkipReason.NON_CONSTANT_WEIGHT: "the producer's weight or bias is not a constant",
-    SkipReason.OVERRIDABLE_WEIGHT: "the producer's weight or bias is an initializer that is also a graph input (IR ≥ 4)",
-    SkipReason.UNSUPPORTED_LAYOUT: "the BN channel axis is not the producer's output-feature axis",
-    SkipReason.UNSUPPORTED_DTYPE: "the weight's dtype is not float16/bfloat16/float32/float64",
-    SkipReason.PRECISION_LOSS: "a float16/bfloat16 BN whose mean is more than 16x its spread: the fold would lose precision",
-    SkipReason.IN_SUBGRAPH: "the BN is inside a subgraph or function and depends on what is bound outside it (a function or loop-body input, or a producer in an enclosing graph)",
-    SkipReason.NOT_TRACEABLE: "the BN is called by forward code that torch.fx cannot trace, so what feeds it is unknown",
-    SkipReason.NOT_CALLED: "no traced forward calls the BN module (unused, or called only on a path the trace did not take)",
-    SkipReason.MODULE_REUSED: "the producer or the BN is also used elsewhere and that call site cannot be rewritten",
-    SkipReason.UNKNOWN_LAYOUT: "which axis the BN normalises is unknown (Linear → BatchNorm1d on an input of unknown rank)",
-    SkipReason.HAS_HOOKS: "the BN or its producer has forward hooks, which could observe or change the value between them",
-    SkipReason.PADDED_CONSUMER: "forward fold: the next Conv pads with zeros (or an AveragePool counts its padding), which the BN's shift would move, and the border cannot be compensated (unknown spatial size, or too large a correction)",
-    SkipReason.NON_POSITIVE_SCALE: "forward fold through MaxPool: max commutes with the BN only where its scale is > 0",
-    SkipReason.UNKNOWN_SHAPE: "forward fold: the static shape it needs (e.g. the size flattened before a Gemm) is unknown",
-}
 
 
 @dataclass(frozen=True)
@@ -146,7 +87,7 @@ class FoldReport:
     """Everything ``bnfold fold`` did to one model. Truthy when it passed."""
 
     decisions: list[BNDecision] = field(default_factory=list)
-    verification: Any = None  # bnfold.compare.VerificationResult | None
+    verification: VerificationResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     input: str | None = None
     output: str | None = None
@@ -154,7 +95,7 @@ class FoldReport:
     nodes_before: int = 0
     nodes_after: int = 0
     written: bool = False  # the output file was written (it is not when verification fails)
-    bench: Any = None  # bnfold.latency.BenchResult | None (fold --bench: original vs folded)
+    bench: BenchResult | None = None  # fold --bench: original vs folded
 
     @property
     def folded(self) -> list[BNDecision]:
@@ -211,354 +152,3 @@ class FoldReport:
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
         }
-
-
-def _fmt_err(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3g}"
-
-
-def render(
-    report: FoldReport, console: Any, *, verbose: bool = False, dry_run: bool = False
-) -> None:
-    """Draw the report on a rich Console: BN table, verification table, timings, PASSED/FAILED."""
-    from rich.table import Table
-
-    title = f"bnfold: {report.input or 'model'}"
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("BatchNormalization", overflow="fold")
-    table.add_column("status")
-    table.add_column("into / reason", overflow="fold")
-    table.add_column("detail", overflow="fold")
-    rows = report.decisions if verbose or len(report.decisions) <= 40 else None
-    if rows is None:
-        # Large models: list every kept BN, and summarise the folded ones by target op.
-        rows = report.kept
-    for d in rows:
-        if d.folded:
-            how = (
-                f"[green]folded[/] ({d.direction})"
-                if d.direction and d.direction != "backward"
-                else "[green]folded[/]"
-            )
-            table.add_row(d.name, how, f"{d.target_op} {d.target}", d.detail)
-        else:
-            table.add_row(d.name, "[yellow]kept[/]", d.reason.value if d.reason else "", d.detail)
-    if rows is not report.decisions and report.folded:
-        by_op: dict[str, int] = {}
-        for d in report.folded:
-            by_op[d.target_op or "?"] = by_op.get(d.target_op or "?", 0) + 1
-        summary = ", ".join(f"{n} into {op}" for op, n in sorted(by_op.items()))
-        table.add_row(
-            f"({len(report.folded)} more)",
-            "[green]folded[/]",
-            summary,
-            "use --verbose to list each",
-        )
-    if report.decisions:
-        console.print(table)
-    else:
-        console.print("No BatchNormalization nodes in the model.")
-    console.print(
-        f"BatchNormalization: {len(report.decisions)} found, {len(report.folded)} folded, "
-        f"{len(report.kept)} kept. Nodes: {report.nodes_before} → {report.nodes_after}."
-    )
-
-    if dry_run:
-        console.print(
-            "Dry run: nothing written. 'bnfold fold' would do the above and verify the result."
-        )
-        return
-    v = report.verification
-    if v is not None:
-        render_verification(v, console)
-    else:
-        console.print("Verification: not run (--no-verify).")
-    if report.bench is not None:
-        render_bench(report.bench, console)
-
-    if report.timings:
-        parts = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
-        console.print(f"Time: {parts}")
-    if report.output:
-        if report.written:
-            console.print(f"Wrote {report.output}")
-        else:
-            console.print(f"[red]Not written:[/] {report.output} (verification failed)")
-    if report.passed:
-        console.print("[bold green]PASSED[/]")
-    else:
-        why = []
-        if report.verification_failed:
-            why.append("verification failed")
-        if report.strict and report.kept:
-            why.append(f"--strict and {len(report.kept)} BatchNormalization kept")
-        console.print(f"[bold red]FAILED[/] ({'; '.join(why)})")
-
-
-def render_verification(v: Any, console: Any, *, title: str | None = None) -> None:
-    """Per-output error table of a VerificationResult, or why it did not run."""
-    from rich.table import Table
-
-    if getattr(v, "skipped_reason", None):
-        console.print(f"[yellow]Verification skipped:[/] {v.skipped_reason}")
-        return
-    if v.outputs:
-        vt = Table(
-            title=title or "Verification (ONNX Runtime, CPU, optimizations disabled)",
-            title_justify="left",
-        )
-        for col in ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"):
-            vt.add_column(col, overflow="fold")
-        for o in v.outputs:
-            vt.add_row(
-                o.name,
-                o.dtype,
-                _fmt_err(o.max_abs_error),
-                _fmt_err(o.max_rel_error),
-                f"{o.atol:g}",
-                f"{o.rtol:g}",
-                "[green]pass[/]" if o.passed else f"[red]FAIL[/] {o.mismatched}/{o.elements}",
-            )
-        console.print(vt)
-        for o in v.outputs:
-            if o.nan_or_inf_mismatch:
-                console.print(f"[red]{o.name}: {o.nan_or_inf_mismatch} NaN/Inf mismatches[/]")
-            if getattr(o, "message", None):
-                console.print(f"[red]{o.name}: {o.message}[/]")
-            if not o.passed and o.nan_or_inf_mismatch == 0 and not getattr(o, "message", None):
-                console.print(
-                    f"{o.name}: worst element {list(o.worst_index or ())}; would pass with "
-                    f"atol ≥ {o.min_atol_to_pass:.3g} (at rtol {o.rtol:g}) or rtol ≥ "
-                    f"{o.min_rtol_to_pass:.3g} (at atol {o.atol:g})",
-                    markup=False,
-                )
-    if getattr(v, "message", None):
-        console.print(f"[red]{v.message}[/]")
-
-
-def render_bench(result: Any, console: Any) -> None:
-    """Latency table of a BenchResult, with ratios and their intervals."""
-    from rich.table import Table
-
-    t = Table(
-        title=f"Latency, ms (ONNX Runtime {result.onnxruntime_version or ''}, {result.provider}, "
-        f"{result.threads or 'default'} thread(s))",
-        title_justify="left",
-    )
-    for col in (
-        "level",
-        "model",
-        "median",
-        "p90",
-        "p99",
-        "session",
-        "vs baseline [95% CI]",
-        "verdict",
-    ):
-        t.add_column(col, overflow="fold")
-    ratios = {(r.model, r.level): r for r in result.ratios}
-    for e in result.entries:
-        s = e.stats
-        r = ratios.get((e.model, e.level))
-        if r is None:
-            vs, verdict = "baseline", ""
-        else:
-            color = (
-                "green"
-                if r.significant and r.median_ratio < 1
-                else ("red" if r.significant else "")
-            )
-            vs = f"{r.median_ratio:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
-            verdict = f"[{color}]{r.verdict}[/]" if color else r.verdict
-        t.add_row(
-            e.level,
-            e.model,
-            f"{s.median_ms:.3g}",
-            f"{s.p90_ms:.3g}",
-            f"{s.p99_ms:.3g}",
-            f"{s.session_create_ms:.3g}",
-            vs,
-            verdict,
-        )
-    console.print(t)
-    console.print(f"[dim]{result.note}[/]")
-
-
-def verification_markdown(v: Any, reference: str, candidate: str, located: Any = None) -> str:
-    """A Markdown summary of a verification (for CI job summaries)."""
-    lines = [
-        f"### bnfold verify: {'PASSED' if bool(v) or v.skipped_reason else 'FAILED'}",
-        "",
-        f"`{reference}` vs `{candidate}` (ONNX Runtime, optimizations disabled, seed {v.seed}, "
-        f"{v.samples} sample(s))",
-        "",
-    ]
-    if v.skipped_reason:
-        lines.append(f"Verification skipped: {v.skipped_reason}")
-    if v.outputs:
-        lines += [
-            "| output | dtype | max abs | max rel | atol | rtol | result |",
-            "|---|---|--:|--:|--:|--:|---|",
-        ]
-        for o in v.outputs:
-            lines.append(
-                f"| {o.name} | {o.dtype} | {_fmt_err(o.max_abs_error)} | {_fmt_err(o.max_rel_error)} | "
-                f"{o.atol:g} | {o.rtol:g} | {'pass' if o.passed else 'FAIL'} |"
-            )
-    if v.message:
-        lines += ["", v.message]
-    if located is not None:
-        lines += ["", located.describe()]
-    return "\n".join(lines)
-
-
-def _reason_counts(kept: list[Any]) -> str:
-    counts: dict[str, int] = {}
-    for d in kept:
-        key = d["reason"] if isinstance(d, dict) else (d.reason.value if d.reason else "?")
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "-"
-
-
-def _max_error(verification: dict[str, Any] | None) -> str:
-    if not verification:
-        return "not run"
-    if verification.get("skipped_reason"):
-        return "skipped"
-    errs = [
-        o["max_abs_error"]
-        for o in verification.get("outputs", [])
-        if o.get("max_abs_error") is not None
-    ]
-    return _fmt_err(max(errs)) if errs else "-"
-
-
-def fold_markdown(reports: list[FoldReport]) -> str:
-    """Markdown for CI job summaries: one row per model, then every kept BN with its reason."""
-    return batch_markdown_rows([r.to_dict() for r in reports], title="bnfold fold")
-
-
-def batch_markdown_rows(models: list[dict[str, Any]], *, title: str) -> str:
-    ok = all(m.get("passed") for m in models)
-    lines = [
-        f"### {title}: {'PASSED' if ok else 'FAILED'}",
-        "",
-        "| model | BN | folded | kept (reasons) | max abs error | written | result |",
-        "|---|--:|--:|---|--:|---|---|",
-    ]
-    kept_rows = []
-    for m in models:
-        if m.get("error"):
-            lines.append(f"| {m.get('input')} | | | | | no | error: {m['error']} |")
-            continue
-        totals = m["totals"]
-        kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
-        lines.append(
-            f"| {m['input']} | {totals['batchnorms']} | {totals['folded']} | {_reason_counts(kept)} | "
-            f"{_max_error(m.get('verification'))} | {'yes' if m.get('written') else 'no'} | "
-            f"{'PASSED' if m['passed'] else 'FAILED'} |"
-        )
-        kept_rows += [
-            f"| {m['input']} | {b['name']} | {b['reason']} | {b['detail']} |" for b in kept
-        ]
-    if kept_rows:
-        lines += [
-            "",
-            "Kept BatchNormalization nodes:",
-            "",
-            "| model | node | reason | detail |",
-            "|---|---|---|---|",
-        ]
-        lines += kept_rows
-    return "\n".join(lines)
-
-
-def batch_markdown(result: Any) -> str:
-    return batch_markdown_rows([i.to_dict() for i in result.items], title="bnfold fold")
-
-
-def render_batch(result: Any, console: Any) -> None:
-    """Summary table of a batch fold, then a final PASSED/FAILED line."""
-    from rich.table import Table
-
-    t = Table(
-        title=f"bnfold fold: {len(result.items)} models, {result.jobs} job(s), {result.seconds:.1f}s",
-        title_justify="left",
-    )
-    for col in ("model", "BN", "folded", "kept (reasons)", "max abs error", "output", "result"):
-        t.add_column(col, overflow="fold")
-    for item in result.items:
-        if item.error is not None:
-            t.add_row(item.input, "", "", "", "", "-", f"[red]error[/] {item.error}")
-            continue
-        m = item.report
-        kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
-        status = "[green]PASSED[/]" if item.exit_code == 0 else "[red]FAILED[/]"
-        t.add_row(
-            item.input,
-            str(m["totals"]["batchnorms"]),
-            str(m["totals"]["folded"]),
-            _reason_counts(kept),
-            _max_error(m.get("verification")),
-            m["output"] if m.get("written") else "not written",
-            status,
-        )
-    console.print(t)
-    console.print("[bold green]PASSED[/]" if result.passed else "[bold red]FAILED[/]")
-
-
-def check_markdown(results: list[Any]) -> str:
-    ok = all(r.passed for r in results)
-    lines = [
-        f"### bnfold check: {'PASSED' if ok else 'FAILED'}",
-        "",
-        "| model | BN | foldable | allowed | kept | verification | result |",
-        "|---|--:|--:|--:|--:|---|---|",
-    ]
-    rows = []
-    for r in results:
-        v = r.verification
-        vtext = "-" if v is None else ("skipped" if v.skipped_reason else ("pass" if v else "FAIL"))
-        lines.append(
-            f"| {r.path} | {r.batchnorms} | {len(r.foldable)} | {len(r.allowed)} | {len(r.kept)} | {vtext} | "
-            f"{'PASSED' if r.passed else ('error: ' + r.error if r.error else 'FAILED')} |"
-        )
-        rows += [f"| {r.path} | {d['name']} | {d['target_op']} {d['target']} |" for d in r.foldable]
-    if rows:
-        lines += [
-            "",
-            "Foldable BatchNormalization nodes left:",
-            "",
-            "| model | node | would fold into |",
-            "|---|---|---|",
-        ]
-        lines += rows
-    return "\n".join(lines)
-
-
-def render_check(results: list[Any], console: Any) -> None:
-    from rich.table import Table
-
-    for r in results:
-        if r.error:
-            console.print(f"[red]{r.path}: error:[/] {r.error}")
-            continue
-        status = (
-            "[green]nothing left to fold[/]"
-            if not r.foldable
-            else f"[red]{len(r.foldable)} foldable BatchNorm(s) left[/]"
-        )
-        console.print(
-            f"{r.path}: {r.batchnorms} BatchNorm(s); {status}; {len(r.kept)} kept; {len(r.allowed)} allowed"
-        )
-        if r.foldable:
-            t = Table(show_header=True)
-            for col in ("BatchNormalization", "would fold into", "how"):
-                t.add_column(col, overflow="fold")
-            for d in r.foldable:
-                t.add_row(d["name"], f"{d['target_op']} {d['target']}", d["detail"])
-            console.print(t)
-        if r.verification is not None:
-            render_verification(r.verification, console, title=f"{r.path} against its original")

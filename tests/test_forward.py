@@ -15,7 +15,7 @@ import pytest
 from foldchecks import assert_equivalent, assert_folded, fold_checked, ops
 from helpers import assert_kept, bn_params, const_values, model_from_text, randn, run_ort
 
-from bnfold import passes
+from bnfold.passes import forward_targets
 from bnfold.report import SkipReason
 
 H17 = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -139,7 +139,9 @@ def test_padded_conv_with_unknown_spatial_size_kept():
 
 
 def test_padded_conv_correction_too_large_kept(monkeypatch):
-    monkeypatch.setattr(passes, "MAX_BORDER_CORRECTION", 100)  # 6 x 5 x 5 = 150 values needed
+    monkeypatch.setattr(
+        forward_targets, "MAX_BORDER_CORRECTION", 100
+    )  # 6 x 5 x 5 = 150 values needed
     model = model_from_text(
         f"""{H17}
         g (float[2,4,5,5] x) => (float[2,6,5,5] Y) {{

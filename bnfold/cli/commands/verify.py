@@ -1,0 +1,117 @@
+"""``bnfold verify``: does one model compute what another computes (and where does it diverge)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bnfold.cli._shared import (
+    check_model_path,
+    console_for,
+    parse_range,
+    parse_tolerances,
+    summary_env,
+    write_json,
+    write_markdown,
+)
+from bnfold.cli.options import (
+    AtolOpt,
+    DataOpt,
+    DistOpt,
+    InputShapeOpt,
+    JsonOpt,
+    LocalizeOpt,
+    MarkdownOpt,
+    QuietOpt,
+    RangeOpt,
+    RtolOpt,
+    SamplesOpt,
+    SeedOpt,
+    TolOpt,
+)
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def verify(
+    reference: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
+    candidate: Annotated[
+        Path,
+        typer.Argument(help="The model that should compute the same function.", show_default=False),
+    ],
+    input_shape: InputShapeOpt = None,
+    data: DataOpt = None,
+    samples: SamplesOpt = 1,
+    dist: DistOpt = "normal",
+    value_range: RangeOpt = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    tol: TolOpt = None,
+    seed: SeedOpt = 0,
+    localize: LocalizeOpt = False,
+    json_out: JsonOpt = None,
+    markdown: MarkdownOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check that CANDIDATE computes what REFERENCE computes, under ONNX Runtime with optimizations disabled.
+
+    Exit codes: 0 every output within tolerance (or the check could not run, which is reported); 1 some output differs or the candidate cannot run; 2 bad input or usage.
+    """
+    from bnfold.compare import load_input_data, parse_input_shapes, verify_models
+    from bnfold.render.console import render_verification
+    from bnfold.render.markdown import verification_markdown
+
+    shapes = parse_input_shapes(input_shape or [])
+    batches = load_input_data(data) if data else None
+    for path in (reference, candidate):
+        check_model_path(path)
+    console = console_for(json_out == "-")
+    result = verify_models(
+        str(reference),
+        str(candidate),
+        input_shapes=shapes or None,
+        seed=seed,
+        atol=atol,
+        rtol=rtol,
+        output_tolerances=parse_tolerances(tol) or None,
+        samples=samples,
+        distribution=dist,
+        value_range=parse_range(value_range),
+        data=batches,
+    )
+    located = None
+    if localize and not result and not result.skipped_reason:
+        from bnfold.divergence import localize as run_localize
+
+        located = run_localize(
+            str(reference),
+            str(candidate),
+            input_shapes=shapes or None,
+            seed=seed,
+            atol=atol,
+            rtol=rtol,
+        )
+    passed = bool(result) or bool(result.skipped_reason)
+    if json_out:
+        payload = {
+            "schema_version": 1,
+            "reference": str(reference),
+            "candidate": str(candidate),
+            **result.to_dict(),
+            "localize": located.to_dict() if located is not None else None,
+        }
+        write_json(payload, json_out)
+    if markdown is not None or summary_env():
+        write_markdown(
+            verification_markdown(result, str(reference), str(candidate), located), markdown
+        )
+    if not quiet:
+        render_verification(result, console, title=f"{reference} vs {candidate}")
+        if located is not None:
+            from bnfold.render.console import render_localize
+
+            render_localize(located, console)
+    console.print("[bold green]PASSED[/]" if passed else "[bold red]FAILED[/]")
+    raise typer.Exit(EXIT_OK if passed else EXIT_FAILED)

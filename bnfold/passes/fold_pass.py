@@ -1,0 +1,156 @@
+"""The pass itself: walk every graph, decide every BN, return the decisions.
+
+It only arbitrates; each way of folding lives in its own module (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.reasons import Refusal, SkipReason
+from bnfold.report import BNDecision
+
+from .backward import fold_backward
+from .bnparams import bn_affine
+from .common import AFFINE_OPS, STD, is_bn, node_label
+from .context import FoldContext, walk_graphs
+from .decomposed import try_decomposed
+from .forward import NoTarget, fold_forward
+from .lowering import lower
+from .rewiring import remove_dead, restore_names
+
+logger = logging.getLogger(__name__)
+
+#: Reasons that only say "there is no node on that side to fold into".
+_STRUCTURAL = frozenset(
+    {
+        SkipReason.NO_PRODUCER,
+        SkipReason.UNSUPPORTED_PRODUCER,
+        SkipReason.PRODUCER_OUTPUT_SHARED,
+        SkipReason.IN_SUBGRAPH,
+    }
+)
+
+
+@dataclass
+class FoldPassResult(ir.passes.PassResult):
+    """The pass's result: the model, whether it changed, and one decision per BatchNormalization
+    (and per decomposed BN that was folded), in graph order (main graph, its subgraphs, functions)."""
+
+    decisions: list[BNDecision] = field(default_factory=list)
+
+
+class BatchNormFoldPass(ir.passes.InPlacePass):
+    """Fold inference-mode BatchNormalization into neighbouring linear nodes.
+
+    Every graph is handled alike: the main graph, the bodies of If/Loop/Scan (at any depth) and
+    model-local functions. Values a subgraph reads from an enclosing scope are constants when they
+    are constants there; new constants go into the graph that uses them (see :mod:`.rewiring`).
+    Per BN, in this order:
+
+    1. Backward (:mod:`.backward`): into the ``Conv``, ``ConvTranspose``, ``Gemm`` or ``MatMul``
+       (optionally followed by a bias ``Add``) that produces its input. With ``duplicate_shared``,
+       a producer whose output also feeds other nodes is copied and the BN folds into the copy.
+    2. Forward (:mod:`.forward`), when no backward fold is possible: into *every* node that reads its
+       output (Conv, Gemm, MatMul), directly or through per-channel ops that commute with it
+       (MaxPool, AveragePool, Identity, Dropout, …) and a Flatten/Reshape to [N, C·D].
+    3. Otherwise it is kept with the most telling :class:`~bnfold.reasons.SkipReason`; with
+       ``lower_remaining`` a kept inference BN is rewritten to ``Mul`` + ``Add`` (:mod:`.lowering`).
+
+    Decomposed BNs (:mod:`.decomposed`): a chain of per-channel ``Mul``/``Add``/``Sub``/``Div`` right
+    after a Conv/ConvTranspose/Gemm/MatMul folds into it (direction ``"decomposed"``).
+
+    Constants (:mod:`.constants`) may be initializers, ``Constant``/``ConstantOfShape`` or computed
+    from constants. In IR ≥ 4 an initializer that is also a graph input may be overridden by the
+    caller, so BNs that depend on one are kept.
+
+    The result is a :class:`FoldPassResult` whose ``decisions`` say, per BN, what it was folded into
+    or why it was kept. The instance holds its options only (and, for compatibility, ``decisions``:
+    a copy of the last result's, plain data); a run's state lives in a
+    :class:`~bnfold.passes.context.FoldContext`, so a pass can be reused and shared.
+    """
+
+    def __init__(self, *, lower_remaining: bool = False, duplicate_shared: bool = False) -> None:
+        super().__init__()
+        self.lower_remaining = lower_remaining
+        self.duplicate_shared = duplicate_shared
+        #: The last run's decisions (compatibility: prefer ``FoldPassResult.decisions``).
+        self.decisions: list[BNDecision] = []
+
+    def call(self, model: ir.Model) -> FoldPassResult:
+        ctx = FoldContext.create(
+            model, lower_remaining=self.lower_remaining, duplicate_shared=self.duplicate_shared
+        )
+        _process_tree(ctx, model.graph)
+        for fn in model.functions.values():
+            ctx.opset = ctx.function_opset(fn)
+            _process_tree(ctx, fn.graph)
+        ctx.opset = ctx.model_opset
+        remove_dead(ctx)
+        restore_names(ctx)
+        self.decisions = list(ctx.decisions)
+        return FoldPassResult(model, modified=ctx.modified, decisions=ctx.decisions)
+
+
+def _process_tree(ctx: FoldContext, root: ir.Graph) -> None:
+    """Process ``root``, then every subgraph under it (folds never add or remove a subgraph)."""
+    for graph, _ in list(walk_graphs(root)):
+        _process(ctx, graph)
+
+
+def _process(ctx: FoldContext, graph: ir.Graph) -> None:
+    """Decide every BN of ``graph`` and fold its decomposed BNs; then lower the kept BNs."""
+    scope = ctx.scope(graph)
+    to_lower: list[tuple[int, ir.Node, tuple[np.ndarray, np.ndarray]]] = []
+    for node in list(graph):
+        if node.graph is not graph:
+            continue  # removed by an earlier fold
+        if is_bn(node):
+            decision, affine = _decide(ctx, node, scope)
+            ctx.decisions.append(decision)
+            logger.debug("%s: %s %s", decision.name, decision.status, decision.detail)
+            if affine is not None and ctx.lower_remaining:
+                to_lower.append((len(ctx.decisions) - 1, node, affine))
+        elif node.op_type in AFFINE_OPS and node.domain in STD:
+            decomposed = try_decomposed(ctx, node, scope)
+            if decomposed is not None:
+                ctx.decisions.append(decomposed)
+    for index, bn, (s, t) in to_lower:
+        if bn.graph is graph:
+            ctx.decisions[index] = lower(ctx, bn, s, t, ctx.decisions[index])
+
+
+def _decide(
+    ctx: FoldContext, bn: ir.Node, scope: str
+) -> tuple[BNDecision, tuple[np.ndarray, np.ndarray] | None]:
+    """Fold ``bn`` backward, else forward; else keep it with the most telling reason.
+
+    Returns the decision and, for a kept BN whose affine map is known, (s, t) for lowering.
+    """
+    try:
+        s, t = bn_affine(ctx, bn)
+    except Refusal as refusal:
+        return _kept(bn, refusal.reason, refusal.detail, scope), None
+    try:
+        return fold_backward(ctx, bn, s, t, scope), None
+    except Refusal as refusal:
+        back = refusal
+    try:
+        return fold_forward(ctx, bn, s, t, scope), None
+    except Refusal as refusal:
+        fwd = refusal
+    if isinstance(fwd, NoTarget) or back.reason not in _STRUCTURAL:
+        reason, detail = back.reason, f"{back.detail}; forward: {fwd.detail}"
+    else:
+        reason, detail = fwd.reason, f"forward: {fwd.detail}; backward: {back.detail}"
+    return _kept(bn, reason, detail, scope), (s, t)
+
+
+def _kept(node: ir.Node, reason: SkipReason, detail: str, graph: str) -> BNDecision:
+    return BNDecision(
+        name=node_label(node), folded=False, reason=reason, detail=detail, graph=graph
+    )

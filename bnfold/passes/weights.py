@@ -1,0 +1,148 @@
+"""Folded weights: lazy tensors, and "check the range, then fold lazily" written once.
+
+A folded weight is a :class:`FoldedTensor`: ``round(formula(W64))`` computed from the (possibly
+memory-mapped) original only when its bytes are written, one weight at a time, so folding a model
+with gigabytes of external weights never holds all of them in memory. Whether the folded values fit
+the weight's dtype is checked *before* anything changes (:func:`lazy_fold`): exactly, from per-channel
+maxima read in chunks (backward folds) or from the folded values themselves (forward folds).
+"""
+
+from __future__ import annotations
+
+__all__ = ["FoldedTensor"]
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from bnfold import numerics
+from bnfold.reasons import Refusal, SkipReason
+
+from .common import FLOAT_DTYPES
+from .context import FoldContext
+from .rewiring import set_input
+
+if TYPE_CHECKING:
+    from .constants import Const
+
+_CHUNK_BYTES = 64 << 20  # read weights in chunks of this size when scanning them
+
+
+class FoldedTensor(ir.LazyTensor):
+    """A folded weight: ``round(compute64())`` evaluated only when its bytes are needed.
+
+    ``compute64`` returns the float64 result before rounding, so a second fold into the same weight
+    (Conv → BN → BN) starts from unrounded values.
+    """
+
+    __slots__ = ("compute64",)
+
+    def __init__(
+        self,
+        compute64: Callable[[], np.ndarray],
+        dtype: ir.DataType,
+        shape: tuple[int, ...],
+        name: str,
+    ) -> None:
+        np_dtype = FLOAT_DTYPES[dtype]
+
+        def func() -> ir.Tensor:
+            return ir.Tensor(numerics.round_to(compute64(), np_dtype, name), dtype=dtype, name=name)
+
+        super().__init__(func, dtype=dtype, shape=ir.Shape(shape), name=name)
+        self.compute64 = compute64
+
+
+#: Installs a folded weight (prepared by :func:`lazy_fold`) as a node input.
+Install = Callable[[], None]
+
+
+def lazy_fold(
+    ctx: FoldContext,
+    node: ir.Node,
+    index: int,
+    w: Const,
+    formula: Callable[[np.ndarray], np.ndarray],
+    bound: Callable[[], np.ndarray],
+    what: str,
+) -> Install:
+    """Check the range now, fold lazily later.
+
+    ``bound()`` gives |folded values| (or their per-channel maxima); unless the weight is float64,
+    a value beyond its dtype's maximum refuses the fold (``overflow``) before anything changes. The
+    returned step gives ``node`` (at input ``index``) the lazy folded weight ``formula(W64)``.
+    """
+    if FLOAT_DTYPES[w.dtype] != np.float64:
+        values = bound()
+        w.release()
+        check_range(values, FLOAT_DTYPES[w.dtype], what)
+
+    def install() -> None:
+        set_input(ctx, node, index, folded(ctx, w, formula, node.inputs[index]))
+
+    return install
+
+
+def check_range(values: np.ndarray, dtype: np.dtype, what: str) -> None:
+    """Refuse (``overflow``) when a folded |value| exceeds the largest finite ``dtype`` value."""
+    limit = float(ml_dtypes.finfo(dtype).max)
+    values = np.where(np.isnan(values), 0.0, values)  # a NaN weight stays NaN; it hides no overflow
+    if values.size and float(np.max(values)) > limit:
+        raise Refusal(
+            SkipReason.OVERFLOW,
+            f"folded {what} would reach {float(np.max(values)):.3g}, "
+            f"beyond the {dtype} maximum {limit:.3g}",
+        )
+
+
+def channel_absmax(load: Callable[[], np.ndarray], axis: int, channels: int) -> np.ndarray:
+    """Per-channel max |w| along ``axis``, reading the weight in chunks (it may be memory-mapped)."""
+    arr = load()
+    moved = np.moveaxis(arr, axis, 0) if axis else arr
+    out = np.zeros(channels, dtype=np.float64)
+    per_channel = max(1, moved[0].size if moved.shape[0] else 1) * max(1, moved.dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // per_channel)
+    for start in range(0, moved.shape[0], step):
+        chunk = np.asarray(moved[start : start + step], dtype=np.float64)
+        if chunk.size:
+            out[start : start + step] = np.max(np.abs(chunk.reshape(chunk.shape[0], -1)), axis=1)
+    return out
+
+
+def conv_transpose_absmax(w: Const, group: int) -> np.ndarray:
+    """Per-output-channel max |w| of a ConvTranspose weight [Cin, Cout/g, k...]."""
+    arr = w.load()
+    cin_g, cout_g = arr.shape[0] // group, arr.shape[1]
+    out = np.zeros(cout_g * group)
+    for gi in range(group):
+        out[gi * cout_g : (gi + 1) * cout_g] = channel_absmax(
+            lambda gi=gi: arr[gi * cin_g : (gi + 1) * cin_g], 1, cout_g
+        )
+    return out
+
+
+def folded(
+    ctx: FoldContext, c: Const, formula: Callable[[np.ndarray], np.ndarray], old: ir.Value
+) -> FoldedTensor:
+    """A lazy folded weight: ``formula`` applied to the float64 original when it is written."""
+
+    def compute64() -> np.ndarray:
+        try:
+            original = c.load64()
+        finally:
+            c.release()
+        return formula(original)
+
+    return FoldedTensor(compute64, c.dtype, c.shape, ctx.fresh(old.name or "W"))
+
+
+def eager(
+    ctx: FoldContext, arr: np.ndarray, dtype: ir.DataType, arr64: np.ndarray, base: str
+) -> FoldedTensor:
+    """A small new constant (a bias, a shift) already computed: ``arr`` rounded, ``arr64`` exact."""
+    return FoldedTensor(
+        lambda a=arr64: np.asarray(a, dtype=np.float64), dtype, tuple(arr.shape), ctx.fresh(base)
+    )

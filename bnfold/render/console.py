@@ -1,0 +1,404 @@
+"""Rich console rendering of fold, verify, bench, batch and check results.
+
+Every model- or file-controlled string (paths, node/tensor names, error text) goes through
+:mod:`bnfold.render.text` and reaches rich as a ``Text``, never as markup. When the console is not a
+terminal (CI logs, pipes), tables are drawn at their natural width and printed as plain lines with
+no trailing padding, so nothing wraps mid-word.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "batch_progress_line",
+    "make_console",
+    "render",
+    "render_batch",
+    "render_bench",
+    "render_check",
+    "render_localize",
+    "render_verification",
+    "status_line",
+]
+
+import io
+from typing import TYPE_CHECKING, Any
+
+from .text import inert, inert_text
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
+    from bnfold.batch import BatchItem, BatchResult, CheckResult
+    from bnfold.compare import VerificationResult
+    from bnfold.divergence import LocalizeResult
+    from bnfold.latency import BenchResult
+    from bnfold.report import FoldReport
+
+# Wide enough that no real table wraps when the output is not a terminal.
+_PLAIN_WIDTH = 10_000
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for bnfold's human output: on a terminal as rich draws it; otherwise plain,
+    unwrapped lines (no colour, no control codes, no wrapping at 80 columns)."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False, emoji=False)
+    if not console.is_terminal:
+        console = Console(
+            stderr=stderr, highlight=False, emoji=False, width=_PLAIN_WIDTH, soft_wrap=True
+        )
+    return console
+
+
+def _fmt_err(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _styled(text: str, style: str) -> Text:
+    from rich.text import Text
+
+    return Text(text, style=style)
+
+
+def _join(*parts: str | Text) -> Text:
+    """Concatenate literal strings (never parsed as markup) and styled Texts."""
+    from rich.text import Text
+
+    out = Text()
+    for part in parts:
+        out.append(part)
+    return out
+
+
+def _table(title: str | Text | None, columns: Iterable[str], **kwargs: Any) -> Table:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", **kwargs)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def _emit(console: Console, renderable: RenderableType) -> None:
+    """Print a renderable; when the console is not a terminal, as plain unpadded lines at the
+    renderable's natural width (a table never wraps a name mid-word)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    from rich.console import Console
+
+    scratch = Console(
+        file=io.StringIO(),
+        width=_PLAIN_WIDTH,
+        color_system=None,
+        highlight=False,
+        emoji=False,
+        markup=False,
+        force_terminal=False,
+    )
+    with scratch.capture() as captured:
+        scratch.print(renderable)
+    for line in captured.get().splitlines():
+        _line(console, line.rstrip())
+
+
+def _line(console: Console, text: str | Text) -> None:
+    """One line of output; a plain ``str`` is printed literally (never as markup)."""
+    console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+def status_line(passed: bool) -> Text:
+    """The final ``PASSED``/``FAILED`` line that a CI log can grep."""
+    return _styled("PASSED", "bold green") if passed else _styled("FAILED", "bold red")
+
+
+# --- fold ------------------------------------------------------------------------------------------
+
+
+def render(
+    report: FoldReport, console: Console, *, verbose: bool = False, dry_run: bool = False
+) -> None:
+    """Draw the report on a rich Console: BN table, verification table, timings, PASSED/FAILED."""
+    _render_decisions(report, console, verbose=verbose)
+    _line(
+        console,
+        f"BatchNormalization: {len(report.decisions)} found, {len(report.folded)} folded, "
+        f"{len(report.kept)} kept. Nodes: {report.nodes_before} → {report.nodes_after}.",
+    )
+    if dry_run:
+        _line(
+            console,
+            "Dry run: nothing written. 'bnfold fold' would do the above and verify the result.",
+        )
+        return
+    if report.verification is not None:
+        render_verification(report.verification, console)
+    else:
+        _line(console, "Verification: not run (--no-verify).")
+    if report.bench is not None:
+        render_bench(report.bench, console)
+    if report.timings:
+        _line(console, "Time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+    if report.output:
+        if report.written:
+            _line(console, _join("Wrote ", inert_text(report.output)))
+        else:
+            _line(
+                console,
+                _join(
+                    _styled("Not written:", "red"),
+                    " ",
+                    inert_text(report.output),
+                    " (verification failed)",
+                ),
+            )
+    if report.passed:
+        _line(console, status_line(True))
+    else:
+        why = []
+        if report.verification_failed:
+            why.append("verification failed")
+        if report.strict and report.kept:
+            why.append(f"--strict and {len(report.kept)} BatchNormalization kept")
+        _line(console, _join(status_line(False), f" ({'; '.join(why)})"))
+
+
+def _render_decisions(report: FoldReport, console: Console, *, verbose: bool) -> None:
+    if not report.decisions:
+        _line(console, "No BatchNormalization nodes in the model.")
+        return
+    table = _table(
+        _join("bnfold: ", inert_text(report.input or "model")),
+        ("BatchNormalization", "status", "into / reason", "detail"),
+        show_lines=False,
+    )
+    # Large models: list every kept BN, and summarise the folded ones by target op.
+    rows = report.decisions if verbose or len(report.decisions) <= 40 else report.kept
+    for d in rows:
+        if d.folded:
+            how = _styled("folded", "green")
+            if d.direction and d.direction != "backward":
+                how = _join(how, f" ({d.direction})")
+            into = inert_text(f"{d.target_op} {d.target}")
+            table.add_row(inert_text(d.name), how, into, inert_text(d.detail))
+        else:
+            reason = d.reason.value if d.reason else ""
+            table.add_row(
+                inert_text(d.name), _styled("kept", "yellow"), reason, inert_text(d.detail)
+            )
+    if rows is not report.decisions and report.folded:
+        by_op: dict[str, int] = {}
+        for d in report.folded:
+            by_op[d.target_op or "?"] = by_op.get(d.target_op or "?", 0) + 1
+        summary = ", ".join(f"{n} into {op}" for op, n in sorted(by_op.items()))
+        table.add_row(
+            f"({len(report.folded)} more)",
+            _styled("folded", "green"),
+            inert_text(summary),
+            "use --verbose to list each",
+        )
+    _emit(console, table)
+
+
+# --- verify ----------------------------------------------------------------------------------------
+
+
+def render_verification(
+    v: VerificationResult, console: Console, *, title: str | None = None
+) -> None:
+    """Per-output error table of a VerificationResult, or why it did not run.
+
+    ``title`` may hold paths: it is shown as inert text."""
+    if v.skipped_reason:
+        _line(
+            console,
+            _join(_styled("Verification skipped:", "yellow"), " ", inert_text(v.skipped_reason)),
+        )
+        return
+    if v.outputs:
+        vt = _table(
+            inert_text(title)
+            if title
+            else "Verification (ONNX Runtime, CPU, optimizations disabled)",
+            ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"),
+        )
+        for o in v.outputs:
+            result = (
+                _styled("pass", "green")
+                if o.passed
+                else _join(_styled("FAIL", "red"), f" {o.mismatched}/{o.elements}")
+            )
+            vt.add_row(
+                inert_text(o.name),
+                inert_text(o.dtype),
+                _fmt_err(o.max_abs_error),
+                _fmt_err(o.max_rel_error),
+                f"{o.atol:g}",
+                f"{o.rtol:g}",
+                result,
+            )
+        _emit(console, vt)
+        for o in v.outputs:
+            name = inert(o.name)
+            if o.nan_or_inf_mismatch:
+                _line(
+                    console, _styled(f"{name}: {o.nan_or_inf_mismatch} NaN/Inf mismatches", "red")
+                )
+            if o.message:
+                _line(console, _styled(f"{name}: {inert(o.message)}", "red"))
+            if not o.passed and o.nan_or_inf_mismatch == 0 and not o.message:
+                _line(
+                    console,
+                    f"{name}: worst element {list(o.worst_index or ())}; would pass with "
+                    f"atol ≥ {o.min_atol_to_pass:.3g} (at rtol {o.rtol:g}) or rtol ≥ "
+                    f"{o.min_rtol_to_pass:.3g} (at atol {o.atol:g})",
+                )
+    if v.message:
+        _line(console, _styled(inert(v.message), "red"))
+
+
+def render_localize(located: LocalizeResult, console: Console) -> None:
+    """Where two models first diverge (``verify --localize``), or why no divergence was found."""
+    _line(console, _styled(inert(located.describe()), "red" if located else ""))
+    d = located.divergence
+    if d is not None and d.candidate_chain:
+        chain = " → ".join(str(p) for p in d.candidate_chain)
+        _line(console, f"  candidate nodes since the last matching tensor: {inert(chain)}")
+
+
+# --- bench -----------------------------------------------------------------------------------------
+
+
+def render_bench(result: BenchResult, console: Console) -> None:
+    """Latency table of a BenchResult, with ratios and their intervals."""
+    t = _table(
+        f"Latency, ms (ONNX Runtime {result.onnxruntime_version or ''}, "
+        f"{inert(result.provider)}, {result.threads or 'default'} thread(s))",
+        ("level", "model", "median", "p90", "p99", "session", "vs baseline [95% CI]", "verdict"),
+    )
+    ratios = {(r.model, r.level): r for r in result.ratios}
+    for e in result.entries:
+        s = e.stats
+        r = ratios.get((e.model, e.level))
+        if r is None:
+            vs, verdict = "baseline", _styled("", "")
+        else:
+            color = (
+                "green"
+                if r.significant and r.median_ratio < 1
+                else ("red" if r.significant else "")
+            )
+            vs = f"{r.median_ratio:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+            verdict = _styled(r.verdict, color)
+        t.add_row(
+            inert_text(e.level),
+            inert_text(e.model),
+            f"{s.median_ms:.3g}",
+            f"{s.p90_ms:.3g}",
+            f"{s.p99_ms:.3g}",
+            f"{s.session_create_ms:.3g}",
+            vs,
+            verdict,
+        )
+    _emit(console, t)
+    _line(console, _styled(result.note, "dim"))
+
+
+# --- batch and check -------------------------------------------------------------------------------
+
+
+def reason_counts(kept: list[Any]) -> str:
+    """``"2 shape_mismatch, 1 training_mode"`` for kept BNs (decisions or their JSON dicts)."""
+    counts: dict[str, int] = {}
+    for d in kept:
+        key = d["reason"] if isinstance(d, dict) else (d.reason.value if d.reason else "?")
+        counts[str(key)] = counts.get(str(key), 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "-"
+
+
+def max_error(verification: dict[str, Any] | None) -> str:
+    """The largest max-abs error of a verification's JSON form, or why there is none."""
+    if not verification:
+        return "not run"
+    if verification.get("skipped_reason"):
+        return "skipped"
+    errs = [
+        o["max_abs_error"]
+        for o in verification.get("outputs", [])
+        if o.get("max_abs_error") is not None
+    ]
+    return _fmt_err(max(errs)) if errs else "-"
+
+
+def batch_progress_line(item: BatchItem, done: int, total: int) -> str:
+    """One plain log line per finished model of a batch (when the output is not a terminal); the
+    path and error are inert, so the line cannot start a workflow command or hold escapes."""
+    line = f"[{done}/{total}] {inert(item.input)}: {item.status}"
+    return line + (f" ({inert(item.error)})" if item.error else "")
+
+
+def render_batch(result: BatchResult, console: Console) -> None:
+    """Summary table of a batch fold, then a final PASSED/FAILED line."""
+    t = _table(
+        f"bnfold fold: {len(result.items)} models, {result.jobs} job(s), {result.seconds:.1f}s",
+        ("model", "BN", "folded", "kept (reasons)", "max abs error", "output", "result"),
+    )
+    for item in result.items:
+        if item.error is not None or item.report is None:
+            error = _join(_styled("error", "red"), " ", inert_text(item.error or ""))
+            t.add_row(inert_text(item.input), "", "", "", "", "-", error)
+            continue
+        m = item.report
+        kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
+        t.add_row(
+            inert_text(item.input),
+            str(m["totals"]["batchnorms"]),
+            str(m["totals"]["folded"]),
+            reason_counts(kept),
+            max_error(m.get("verification")),
+            inert_text(m["output"]) if m.get("written") else "not written",
+            _styled("PASSED", "green") if item.exit_code == 0 else _styled("FAILED", "red"),
+        )
+    _emit(console, t)
+    _line(console, status_line(result.passed))
+
+
+def render_check(results: list[CheckResult], console: Console) -> None:
+    """Per model: how many BatchNorms are left to fold (each with where), and its verification."""
+    for r in results:
+        path = inert_text(r.path)
+        if r.error:
+            _line(
+                console, _join(_styled(f"{inert(r.path)}: error:", "red"), " ", inert_text(r.error))
+            )
+            continue
+        status = (
+            _styled("nothing left to fold", "green")
+            if not r.foldable
+            else _styled(f"{len(r.foldable)} foldable BatchNorm(s) left", "red")
+        )
+        _line(
+            console,
+            _join(
+                path,
+                f": {r.batchnorms} BatchNorm(s); ",
+                status,
+                f"; {len(r.kept)} kept; {len(r.allowed)} allowed",
+            ),
+        )
+        if r.foldable:
+            t = _table(None, ("BatchNormalization", "would fold into", "how"), show_header=True)
+            for d in r.foldable:
+                t.add_row(
+                    inert_text(d["name"]),
+                    inert_text(f"{d['target_op']} {d['target']}"),
+                    inert_text(d["detail"]),
+                )
+            _emit(console, t)
+        if r.verification is not None:
+            render_verification(r.verification, console, title=f"{r.path} against its original")

@@ -1,0 +1,48 @@
+"""PyTorch front end: fold BatchNorm in an ``nn.Module``, or export it to ONNX, fold and verify.
+
+``torch`` is an optional extra (``pip install 'bnfold[torch]'``) and is imported only inside the
+functions of this package, so ``import bnfold`` (and even ``import bnfold.torch``) never imports it.
+
+Three entry points, each returning the same :class:`~bnfold.report.FoldReport` as the ONNX path::
+
+    result = bnfold.torch.fold_module(model, (x,))        # ModuleFoldResult: .module, .report
+    result = bnfold.torch.export(model, (x,), "m.onnx")   # FoldResult: folded, verified ONNX file
+    result = bnfold.torch.fold_file("m.pt2", "m.onnx")    # the CLI's path: .pt2 / TorchScript / pickle
+
+Where things live:
+
+* :mod:`bnfold.torch.module_fold` -- ``fold_module`` (torch.fx), with ``_scopes`` (what can be
+  traced) and ``_folder`` (the per-call-site decisions and how a fold is applied);
+* :mod:`bnfold.torch.onnx_export` -- export → fold → verify against PyTorch → write;
+* :mod:`bnfold.torch.files` -- ``.pt2`` / TorchScript / pickle sniffing and loading, ``fold_file``;
+* ``_common`` -- the lazy torch import, module classification, state checks, tensor helpers.
+
+The error classes live in :mod:`bnfold.errors` with every other error and are re-exported here.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ModuleFoldResult",
+    "NoRunningStatsError",
+    "TorchSource",
+    "TorchUnavailableError",
+    "TrainingModeError",
+    "UnfoldableModuleError",
+    "export",
+    "fold_file",
+    "fold_module",
+    "is_torch_file",
+    "load_torch_file",
+]
+
+from bnfold.errors import (
+    NoRunningStatsError,
+    TorchUnavailableError,
+    TrainingModeError,
+    UnfoldableModuleError,
+)
+
+from .files import TorchSource, fold_file, is_torch_file, load_torch_file
+from .module_fold import ModuleFoldResult, fold_module
+from .onnx_export import export
