@@ -1,6 +1,7 @@
 """The one place bnfold talks to ONNX Runtime.
 
-``verify.py`` and ``bench.py`` create and run sessions only through these functions, so that session
+Verification (``bnfold.compare``), ``bnfold.divergence``, the benchmark (``bnfold.latency``) and the
+PyTorch front end create and run sessions only through these functions, so that session
 options (log level, optimization level, threads, providers), error wording and the handling of
 element types numpy cannot hand to ONNX Runtime directly (bfloat16, float8) live in one spot.
 

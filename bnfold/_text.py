@@ -22,7 +22,7 @@ def format_shape(shape: Sequence[Any]) -> str:
 
 def is_fixed(dim: Any) -> bool:
     """A dimension that is a known non-negative integer (not a symbol or unknown)."""
-    return isinstance(dim, (int, np.integer)) and dim >= 0
+    return isinstance(dim, (int, np.integer)) and bool(dim >= 0)
 
 
 def finite_or_none(value: float) -> float | None:

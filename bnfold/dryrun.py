@@ -41,13 +41,15 @@ def inspect_model(
         "fold". Bad input raises a :class:`~bnfold.errors.BnfoldError`.
     """
     kind, path = _kind_of(model)
+    given: Any = model  # a ModelProto or an onnx_ir.Model when kind says so
     t0 = time.perf_counter()
     if kind == "path":
+        assert path is not None  # _kind_of returns the path of a "path"
         ir_model = _io.load(path)
     elif kind == "proto":
-        ir_model = _io.from_proto(model)
+        ir_model = _io.from_proto(given)
     else:
-        ir_model = model.clone() if hasattr(model, "clone") else _io.from_proto(_io.to_proto(model))
+        ir_model = given.clone() if hasattr(given, "clone") else _io.from_proto(_io.to_proto(given))
     t1 = time.perf_counter()
     nodes_before = _count_nodes(ir_model)
     fold_pass = BatchNormFoldPass(

@@ -52,7 +52,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import onnx
@@ -808,7 +808,7 @@ def check_output_path(
     output: str | os.PathLike,
     *,
     input_path: str | os.PathLike | None,
-    protected: set[Path] = frozenset(),
+    protected: Collection[Path] = frozenset(),
 ) -> Path:
     """Refuse outputs that would overwrite the input or its external data, or that cannot be written."""
     out = Path(output)
@@ -921,7 +921,7 @@ def remove_stale_staging(
     has not changed for ``max_age_s`` seconds. Returns the folders removed.
     """
     prefix = _staging_prefix(name)
-    removed = []
+    removed: list[Path] = []
     now = time.time()
     try:
         entries = list(os.scandir(folder))

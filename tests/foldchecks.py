@@ -1,4 +1,4 @@
-"""Checks for folds beyond conftest's backward-only ``assert_folds``: forward folds, decomposed BNs,
+"""Checks for folds beyond helpers' backward-only ``assert_folds``: forward folds, decomposed BNs,
 subgraphs and functions, the fold options. Each still checks three things: structure (here: what the
 caller asserts plus the BN count everywhere, no unused initializer), equivalence under ONNX Runtime
 with optimizations disabled, and ``onnx.checker`` (full check) on the output.
@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
-from conftest import _node_signature, assert_close, const_values, random_feeds, run_ort
+from helpers import assert_close, const_values, node_signature, random_feeds, run_ort
 
 from bnfold.api import FoldResult
 from bnfold.api import fold as bnfold_fold
@@ -118,7 +118,7 @@ def assert_not_folded(model: onnx.ModelProto, **options) -> FoldResult:
     """Nothing folded, nothing reported (no BatchNormalization), and the model unchanged."""
     result = fold_checked(model, **options)
     assert result.decisions == [], result.decisions
-    assert _node_signature(result.model.graph) == _node_signature(model.graph)
+    assert node_signature(result.model.graph) == node_signature(model.graph)
     old_c, new_c = const_values(model), const_values(result.model)
     assert old_c.keys() == new_c.keys()
     for name, value in old_c.items():

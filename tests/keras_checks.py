@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from conftest import assert_close, run_ort
+from helpers import assert_close, run_ort
 from typer.testing import CliRunner
 
 import bnfold

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_unfoldable_model
+from helpers import write_unfoldable_model
 from typer.testing import CliRunner
 
 from bnfold.batch import expand_inputs

@@ -84,7 +84,7 @@ def test_json_to_file(cnn, tmp_path):
 
 
 def test_kept_bn_is_reported_with_reason_and_strict_fails(tmp_path):
-    from conftest import write_unfoldable_model
+    from helpers import write_unfoldable_model
 
     model = tmp_path / "kept.onnx"
     write_unfoldable_model(model)
@@ -434,7 +434,7 @@ def test_inspect_is_a_dry_run(tmp_path):
 
 
 def test_fold_lower_remaining_removes_every_batchnorm(tmp_path):
-    from conftest import write_unfoldable_model
+    from helpers import write_unfoldable_model
 
     model = tmp_path / "kept.onnx"
     write_unfoldable_model(model)

@@ -226,6 +226,7 @@ def _poll_kill(folder: Path, ready, timeout: float = 60) -> bool:
     return _kill(proc)
 
 
+@pytest.mark.slow  # about 1-2 minutes of killed subprocesses; `-m "not slow"` skips it
 def test_sigkill_never_leaves_a_half_written_output(tmp_path):
     scene = Scene(tmp_path)
     outcomes = []

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import bn_params, const_values, lit, model_from_text, randn
 from foldchecks import assert_folded, assert_not_folded, fold_checked, ops
+from helpers import bn_params, const_values, lit, model_from_text, randn
 
 H17 = '<ir_version: 8, opset_import: ["" : 17]>'
 
@@ -364,7 +364,7 @@ def test_decomposed_in_ir3_model_keeps_inputs_consistent():
     ],
 )
 def test_legacy_broadcast_opset6(attrs, folds):
-    from conftest import run_reference
+    from helpers import run_reference
 
     model = model_from_text(
         f"""<ir_version: 3, opset_import: ["" : 6]>

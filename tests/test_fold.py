@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import (
+from helpers import (
     assert_close,
     assert_folds,
     assert_kept,

@@ -2,7 +2,7 @@
 
 Each test checks the structure (BN gone, which nodes remain), equivalence under ONNX Runtime with
 optimizations disabled and the full checker (``assert_folded``); the kept cases check the reason and
-that the model is unchanged (conftest's ``assert_kept``).
+that the model is unchanged (``helpers.assert_kept``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_kept, bn_params, const_values, model_from_text, randn, run_ort
 from foldchecks import assert_equivalent, assert_folded, fold_checked, ops
+from helpers import assert_kept, bn_params, const_values, model_from_text, randn, run_ort
 
 from bnfold.passes import forward_targets
 from bnfold.report import SkipReason

@@ -3,7 +3,9 @@
 Every case runs ``bnfold fold`` through the CLI (typer's CliRunner) on a file built in a fresh folder
 and checks the contract of exit code 2 (README, "Exit codes"): exactly one line on stderr, starting
 ``bnfold: error:``, that names the problem; no traceback; every file in the folder has the bytes it
-had before; no file or folder (staging folders included) appeared, there or in the temp folder.
+had before; no file or folder (staging folders included) appeared, there or in the test's own
+temporary folder (``conftest.private_tempdir``: what other processes put in the machine's shared
+temporary folder is never looked at).
 
 A model that is well formed but that ONNX Runtime cannot run (an operator of an unknown domain) is
 not an error: the BatchNorms around it are folded and the report says why verification was skipped.
@@ -51,13 +53,18 @@ def _snapshot(folder: Path) -> dict[str, object]:
     return snap
 
 
-def _temp_bnfold_dirs() -> set[str]:
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("bnfold-")}
+#: Written to the temporary folder by ONNX Runtime itself when it is imported (a session-id file).
+ORT_TEMP_FILES = {".ses"}
+
+
+def _temp_entries() -> set[str]:
+    """What is in this test's private temporary folder (its TMPDIR, given by conftest)."""
+    return set(os.listdir(tempfile.gettempdir())) - ORT_TEMP_FILES
 
 
 def refused(args: list, folder: Path, text: str) -> str:
     """Run ``bnfold *args`` and check the exit-2 contract; return the error line."""
-    before, temps = _snapshot(folder), _temp_bnfold_dirs()
+    before, temps = _snapshot(folder), _temp_entries()
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -67,8 +74,44 @@ def refused(args: list, folder: Path, text: str) -> str:
     assert text.lower() in lines[0].lower(), lines[0]
     print(lines[0])  # shown with pytest -s: the messages users see
     assert _snapshot(folder) == before, "a file was written, changed or removed"
-    assert _temp_bnfold_dirs() <= temps
+    assert _temp_entries() <= temps, "a temporary file or folder was left behind"
     return lines[0]
+
+
+def test_refused_ignores_other_processes_temp_folders(folder, shared_temp, monkeypatch):
+    """Another bnfold process (or anything) creating ``bnfold-*`` in the shared temporary folder
+    while a test runs does not fail the test: only the test's own TMPDIR is checked."""
+    path = folder / "broken.onnx"
+    path.write_bytes(b"\x08\x07\x12\xff not a model")
+    intruders: list[Path] = []
+    real_invoke = runner.invoke
+
+    def invoke_while_another_process_works(*args, **kwargs):
+        intruders.append(Path(tempfile.mkdtemp(prefix="bnfold-", dir=shared_temp)))
+        return real_invoke(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "invoke", invoke_while_another_process_works)
+    try:
+        refused(["fold", path, "-o", folder / "out.onnx"], folder, "")
+        assert intruders and intruders[0].is_dir()
+    finally:
+        for p in intruders:
+            p.rmdir()
+
+
+def test_refused_sees_what_is_left_in_the_tests_own_tempdir(folder, private_tempdir, monkeypatch):
+    """The temp check is not vacuous: a folder left in the test's TMPDIR fails it."""
+    path = folder / "broken.onnx"
+    path.write_bytes(b"\x08\x07\x12\xff not a model")
+    real_invoke = runner.invoke
+
+    def invoke_and_leave_a_folder(*args, **kwargs):
+        tempfile.mkdtemp(prefix="bnfold-")
+        return real_invoke(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "invoke", invoke_and_leave_a_folder)
+    with pytest.raises(AssertionError, match="left behind"):
+        refused(["fold", path, "-o", folder / "out.onnx"], folder, "")
 
 
 def conv_bn(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_close
+from helpers import assert_close
 from keras_checks import (
     FOLDED_TODAY,
     assert_check_flags_every_bn,

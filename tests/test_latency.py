@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from conftest import model_from_text, randn
+from helpers import model_from_text, randn
 
 from bnfold import _ort
 from bnfold.errors import BnfoldError, InputNotFoundError, UsageError

@@ -13,7 +13,7 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import model_from_text, round_exact, run_ort
+from helpers import model_from_text, round_exact, run_ort
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import assert_kept, bn_params, model_from_text, randn
 from foldchecks import all_nodes, assert_equivalent, assert_folded, fold_checked, ops
+from helpers import assert_kept, bn_params, model_from_text, randn
 
 from bnfold.dryrun import inspect_model
 from bnfold.report import SkipReason

@@ -10,7 +10,7 @@ import weakref
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import bn_params, model_from_text
+from helpers import bn_params, model_from_text
 
 import bnfold
 import bnfold.report

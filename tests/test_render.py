@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import write_unfoldable_model
+from helpers import write_unfoldable_model
 from rich.console import Console
 from typer.testing import CliRunner
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_kept, bn_params, lit, model_from_text, randn, random_feeds
 from foldchecks import all_nodes, assert_equivalent, assert_folded, count_all, fold_checked
+from helpers import assert_kept, bn_params, lit, model_from_text, randn, random_feeds
 
 from bnfold.report import SkipReason
 
