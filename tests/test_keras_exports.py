@@ -23,10 +23,6 @@ from __future__ import annotations
 import pytest
 from keras_checks import NOT_YET, assert_check_flags_every_bn, assert_folds_every_bn
 
-# The pass that folds these patterns is being written (issue 13). Remove this mark when it lands:
-# strict, so the suite fails as soon as these tests pass and the mark becomes a lie.
-pytestmark = pytest.mark.xfail(strict=True, reason="issue 13: Keras patterns not folded yet")
-
 
 @pytest.mark.parametrize("name", NOT_YET)
 def test_fold_folds_every_keras_bn(name):
