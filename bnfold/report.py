@@ -20,7 +20,8 @@ JSON schema, version 1::
          "target": str | null, "target_op": str | null,   # the node it was folded into
          "reason": str | null,             # a SkipReason value when kept
          "detail": str,
-         "kind": "batchnorm"}              # added in 0.1 without a schema bump
+         "kind": "batchnorm",              # added (issue 13), no schema bump
+         "source": "node" | "lowered"}     # a BatchNormalization node or a Mul/Add chain (added)
       ],
       "affines": [ ... ],                  # same entries with "kind": "affine": per-channel
                                            # Mul/Div(+Add) chains that are not BNs (a layer
@@ -72,6 +73,8 @@ class BNDecision:
     # Sub -> Mul -> Add, per channel); "affine": another per-channel Mul/Div(+Add) that bnfold
     # folded (a layer scale), reported under "affines" and not counted among the BatchNorms.
     kind: str = "batchnorm"
+    # "node": a BatchNormalization node; "lowered": an exporter's Mul/Sub/Add/Div chain.
+    source: str = "node"
 
     @property
     def status(self) -> str:
@@ -88,6 +91,7 @@ class BNDecision:
             "reason": self.reason.value if self.reason else None,
             "detail": self.detail,
             "kind": self.kind,
+            "source": self.source,
         }
 
 

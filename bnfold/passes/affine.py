@@ -98,7 +98,12 @@ def try_affine(ctx: FoldContext, first: ir.Node, scope: str) -> BNDecision | Non
         fwd = refusal
     reason, detail = kept_reason(back, fwd)
     return BNDecision(
-        name=chain.label, folded=False, reason=reason, detail=f"{chain.text}: {detail}", graph=scope
+        name=chain.label,
+        folded=False,
+        reason=reason,
+        detail=f"{chain.text}: {detail}",
+        graph=scope,
+        source="lowered",
     )
 
 
@@ -235,23 +240,24 @@ def _fold_back(
     ctx: FoldContext, chain: _Chain, s: np.ndarray, t: np.ndarray, scope: str
 ) -> BNDecision:
     producer, passed, biases, t2 = _walk_up(ctx, chain, s, t)
-    target, how, _ = HANDLERS[producer.op_type](ctx, producer, s, t2)
-    _remove_chain(ctx, chain.nodes, chain.x)
-    for add in biases:  # closest to the chain first: each one's output now reads its data
-        data = _data_input(ctx, add)
-        _remove_chain(ctx, [add], data)
-    ctx.modified = True
-    via = ""
+    name, text, via = chain.label, chain.text, ""  # labels before any output is renamed
     if passed or biases:
         via = " (through " + ", ".join(f"{n.op_type} {node_label(n)}" for n in passed + biases)
         via += "; bias Add absorbed)" if biases else ")"
+    target, how, _ = HANDLERS[producer.op_type](ctx, producer, s, t2)
+    target_label = node_label(target)
+    _remove_chain(ctx, chain.nodes, chain.x)
+    for add in biases:  # closest to the chain first: each one's output now reads its data
+        _remove_chain(ctx, [add], _data_input(ctx, add))
+    ctx.modified = True
     return BNDecision(
-        name=chain.label,
+        name=name,
         folded=True,
         direction="backward",
-        target=node_label(target),
+        source="lowered",
+        target=target_label,
         target_op=target.op_type,
-        detail=f"{chain.text} folded{via}: {how}",
+        detail=f"{text} folded{via}: {how}",
         graph=scope,
     )
 
@@ -276,13 +282,15 @@ def _fold_forward(
     plan_forward(ctx, y, vec, chain.nodes[0].graph, plans, [])
     if not plans:
         raise NoTarget("its output feeds no node to fold into")
+    name = chain.label
     details = [plan.apply() for plan in plans]
     _remove_chain(ctx, chain.nodes, chain.x)
     ctx.modified = True
     return BNDecision(
-        name=chain.label,
+        name=name,
         folded=True,
         direction="forward",
+        source="lowered",
         target=", ".join(node_label(p.node) for p in plans),
         target_op=", ".join(sorted({p.node.op_type for p in plans})),
         detail=f"{chain.text} folded: " + "; ".join(details),

@@ -60,15 +60,17 @@ def try_decomposed(ctx: FoldContext, first: ir.Node, scope: str) -> BNDecision |
             "decomposed BN %s not folded: %s", [node_label(n) for n in chain], refusal.detail
         )
         return None
+    name = chain_label(chain)  # before an output is renamed
     last = chain[-1].outputs[0]
     take_over_output(ctx, last, new_out, "_bn_removed")
     last.replace_all_uses_with(new_out, replace_graph_outputs=True)
     remove_nodes(ctx, chain, keep=new_out)
     ctx.modified = True
     return BNDecision(
-        name=chain_label(chain),
+        name=name,
         folded=True,
         kind=chain_kind(chain, s),
+        source="lowered",
         direction="decomposed",
         target=node_label(target),
         target_op=target.op_type,
