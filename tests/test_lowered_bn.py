@@ -336,3 +336,55 @@ def test_flatten_in_chw_order_would_be_wrong_with_the_hwc_vector():
 
     (d,) = result.decisions
     assert "blocks of 9" in d.detail, d.detail
+
+
+# ============================================================== BatchNormalization nodes through layout
+def test_batchnorm_node_after_nhwc_transpose_and_cast_folds_backward():
+    # Conv (NCHW) → Transpose to NHWC → Cast → Transpose back → BatchNormalization (axis 1)
+    model = model_from_text(
+        f"""{H17}
+        g (float[2,3,6,6] X) => (float[2,4,6,6] Y) {{
+            c = Conv <pads = [1, 1, 1, 1]> (X, W)
+            t1 = Transpose <perm = [0, 2, 3, 1]> (c)
+            k = Cast <to = 1> (t1)
+            t2 = Transpose <perm = [0, 3, 1, 2]> (k)
+            Y = BatchNormalization <epsilon = 0.001> (t2, gamma, beta, mean, var)
+        }}""",
+        {
+            "W": randn(4, 3, 3, 3, seed=1),
+            "gamma": scale(4, 2, (4,)),
+            "beta": shift(4, 3, (4,)),
+            "mean": shift(4, 4, (4,)),
+            "var": scale(4, 5, (4,)),
+        },
+    )
+
+    result = assert_folded(model, "backward")
+
+    (d,) = result.decisions
+    assert d.source == "node" and d.target_op == "Conv" and d.detail.startswith("through ")
+    assert ops(result.model) == ["Conv", "Transpose", "Cast", "Transpose"]
+
+
+def test_batchnorm_node_after_a_transpose_that_moves_the_channels_is_kept():
+    # Conv output [N, C, H, W] → Transpose(0, 2, 1, 3): the BN's axis 1 is the Conv's H axis
+    model = model_from_text(
+        f"""{H17}
+        g (float[2,3,4,4] X) => (float[2,4,4,4] Y) {{
+            c = Conv <pads = [1, 1, 1, 1]> (X, W)
+            t1 = Transpose <perm = [0, 2, 1, 3]> (c)
+            Y = BatchNormalization (t1, gamma, beta, mean, var)
+        }}""",
+        {
+            "W": randn(4, 3, 3, 3, seed=1),
+            "gamma": scale(4, 2, (4,)),
+            "beta": shift(4, 3, (4,)),
+            "mean": shift(4, 4, (4,)),
+            "var": scale(4, 5, (4,)),
+        },
+    )
+
+    result = fold_checked(model)
+
+    (d,) = result.decisions
+    assert not d.folded and d.reason == SkipReason.UNSUPPORTED_LAYOUT, d.detail
