@@ -12,6 +12,8 @@ Cases, one function each (:data:`HANDLERS`):
    ``Add`` of the shift is created (none when the shift is zero).
 5. ``MatMul`` followed by ``Add`` of a constant bias of shape [N] or [1, N]: the bias absorbs the shift.
 
+Between the producer and a BN node there may be ``Transpose``/no-op ``Cast``/``Identity`` nodes
+(:mod:`.layout`) that bring the producer's channel axis back to axis 1; each must feed the next only.
 The producer's output must feed the BN only; with ``duplicate_shared`` a shared producer is copied
 and the BN folds into the copy (the other users keep the original). A fold refused midway is undone.
 The formulas are in :mod:`bnfold.numerics`; every weight is range-checked, then folded lazily.

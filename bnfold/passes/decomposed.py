@@ -6,7 +6,12 @@ Exporters sometimes lower a BN to arithmetic with constants. A chain matches whe
   ``ConvTranspose``, ``Gemm`` or ``MatMul`` in the same graph;
 - each step applies a per-channel constant: it broadcasts along the channel axis (axis 1) only, after
   right-alignment (or the legacy ``broadcast``/``axis`` rules below opset 7), and is finite;
-- it contains at least one ``Mul`` or ``Div`` (a lone bias ``Add`` is not a BN).
+- it contains at least one ``Mul`` or ``Div`` (a lone bias ``Add`` is not a BN);
+- no-op ``Cast``s between two steps are part of it (Keras 3's torch export wraps every op in one).
+
+:func:`chain_kind` says whether the chain is a BN (``"batchnorm"``: scale and shift, per channel) or
+another affine (``"affine"``, e.g. a layer scale: reported apart, not counted as a BatchNorm). Chains
+anywhere else are :mod:`.affine`'s.
 
 The steps compose into one (s, t) in float64 (:func:`bnfold.numerics.affine_step`), which folds
 backward like a BN (:mod:`.backward`); the chain is removed and reported as one decision with

@@ -6,8 +6,13 @@ Planning walks the readers of the BN's output (:func:`plan_forward`). Each reade
 - a per-channel op that commutes with y = s · x + t (:data:`THROUGH`), walked through:
   ``MaxPool``/``GlobalMaxPool`` when every scale is > 0, ``AveragePool`` unless it counts padded
   zeros, ``GlobalAveragePool``, ``Identity``, inference ``Dropout``;
-- ``Flatten`` (axis 1) or a ``Reshape`` to [N, C·D] (:data:`RESHAPERS`): walked through, and the
-  per-channel map becomes per-feature, each channel repeated over its block of D features;
+- ``Transpose``, no-op ``Cast`` and ``Identity`` (:mod:`.layout`): walked through, the channel axis
+  follows the permutation (a lowered BN in NHWC starts on axis 3); pools and Conv/Gemm need it on
+  axis 1, a MatMul on the last axis;
+- ``Flatten`` (axis 1) or a ``Reshape`` to [N, C·D] (:data:`RESHAPERS`; the shape a constant, or
+  computed from ``Shape`` of the input, :mod:`.shape_vectors`): walked through, and the per-channel
+  map becomes per-feature: each channel repeated over its block of D features (channels on axis 1),
+  or the channels repeated D times (channels last, Keras's H, W, C flatten order);
 - a node to fold into (:data:`~.forward_targets.TARGETS`: Conv, Gemm, MatMul), planned and checked;
 - anything else, a value read in a subgraph, or a walked-through output that is a graph output: no
   forward fold (the BN is kept, with the backward reason unless that one is merely structural).
