@@ -388,3 +388,22 @@ def test_batchnorm_node_after_a_transpose_that_moves_the_channels_is_kept():
 
     (d,) = result.decisions
     assert not d.folded and d.reason == SkipReason.UNSUPPORTED_LAYOUT, d.detail
+
+
+def test_mul_add_that_broadcasts_one_channel_to_many_is_not_a_batchnorm():
+    # [N, 1, H, W] · [1, C, 1, 1] + [1, C, 1, 1] makes C channels out of one: removing it would
+    # change the shape the Conv reads, so it is no per-channel map and is left alone
+    model = model_from_text(
+        f"""{H17}
+        g (float[2,1,6,6] X) => (float[2,5,4,4] Y) {{
+            r = Relu (X)
+            m = Mul (r, s)
+            a = Add (m, t)
+            Y = Conv (a, W)
+        }}""",
+        {"s": scale(4, 3, (1, 4, 1, 1)), "t": shift(4, 4, (1, 4, 1, 1)), "W": randn(5, 4, 3, 3)},
+    )
+
+    result = fold_checked(model)
+
+    assert result.decisions == [] and ops(result.model) == ops(model)

@@ -40,7 +40,7 @@ from .forward import plan_forward
 from .forward_targets import NoTarget, Plan, Vec
 from .layout import axis_before, is_layout
 from .rewiring import remove_nodes, take_over_output
-from .shapes import rank_of
+from .shapes import rank_of, shape_of
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,9 @@ def _match(ctx: FoldContext, first: ir.Node) -> tuple[_Chain, np.ndarray, np.nda
     if axis_channels is None:
         return None
     axis, channels = axis_channels
+    dims = shape_of(ctx, data)
+    if dims is None or len(dims) != rank or dims[axis] != channels:
+        return None  # the constants would broadcast the data up to C channels: no per-channel map
     nodes, steps, (s, t) = compose(ctx, first, data, rank, channels, axis)
     if not nodes or chain_kind(nodes, s) != "batchnorm":
         return None
