@@ -45,12 +45,18 @@ Environment (a venv for fixture making only; never CI, nothing from it is commit
     /work/venvs/tf/bin/pip install tensorflow-cpu==2.21.0 keras==3.15.1 tf_keras==2.21.0 \
         tf2onnx==1.17.0 onnx onnxruntime onnxscript torch==2.13.0 -e .
     # torch==2.13.0 is the project's pinned CPU wheel (Keras 3's torch backend); never unpinned.
+    # (resolved with them: onnx 1.23.2, onnxruntime 1.32.0, onnxscript 0.7.2, protobuf 7.36.2)
 
-Command (from the repository root)::
+Command (from the repository root; about 5 minutes on 2 busy cores)::
 
     /work/venvs/tf/bin/python tests/data/keras/make_keras_fixtures.py
 
-``--only ROUTE`` (repeatable) regenerates some routes; ``--keep-tmp`` keeps the SavedModels.
+``--only ROUTE`` (repeatable) regenerates some routes and keeps the stored references;
+``--keep-tmp`` keeps the SavedModels; ``--refresh-manifest`` re-describes the committed files
+(onnx + onnxruntime only). Exports are numerically deterministic (same weights, same outputs) but not
+byte-identical: tf2onnx numbers its node names per process. After regenerating, run
+``python -m pytest tests/test_keras_fixtures.py tests/test_keras_exports.py``: the goal tests use
+the manifest's counts, and ``keras_checks.FOLDED_TODAY`` names the files bnfold already folds.
 """
 
 from __future__ import annotations
