@@ -407,3 +407,54 @@ def test_mul_add_that_broadcasts_one_channel_to_many_is_not_a_batchnorm():
     result = fold_checked(model)
 
     assert result.decisions == [] and ops(result.model) == ops(model)
+
+
+NORM_AFFINES = {
+    # a decomposed LayerNorm over the last axis, then its γ, β
+    "layernorm": """
+        mu = ReduceMean <axes = [-1]> (X)
+        d = Sub (X, mu)
+        sq = Mul (d, d)
+        var = ReduceMean <axes = [-1]> (sq)
+        ve = Add (var, eps)
+        sd = Sqrt (ve)
+        n = Div (d, sd)
+    """,
+    # torch's GroupNorm export: Reshape → InstanceNormalization → Reshape, then γ, β
+    "groupnorm": """
+        shp = Constant <value = int64[3] {2, 2, -1}> ()
+        r = Reshape (X, shp)
+        n0 = InstanceNormalization (r, ones, zeros)
+        back = Constant <value = int64[3] {2, 6, 4}> ()
+        n = Reshape (n0, back)
+    """,
+}
+
+
+@pytest.mark.parametrize("norm", list(NORM_AFFINES))
+def test_a_norm_layers_affine_is_not_a_batchnorm(norm):
+    const = {
+        "eps": np.array([1e-5], np.float32),
+        "ones": np.ones(2, np.float32),
+        "zeros": np.zeros(2, np.float32),
+    }
+    axis_shape = (1, 1, 4) if norm == "layernorm" else (1, 6, 1)
+    model = model_from_text(
+        f"""{H17}
+        g (float[2,6,4] X) => (float[2,6,5] Y) {{
+            {NORM_AFFINES[norm]}
+            m = Mul (n, gamma)
+            a = Add (m, beta)
+            Y = MatMul (a, W)
+        }}""",
+        {
+            **{k: v for k, v in const.items() if k in NORM_AFFINES[norm]},
+            "gamma": scale(axis_shape[1] * axis_shape[2], 3, axis_shape),
+            "beta": shift(axis_shape[1] * axis_shape[2], 4, axis_shape),
+            "W": randn(4, 5, seed=5),
+        },
+    )
+
+    result = fold_checked(model)
+
+    assert result.decisions == [] and ops(result.model) == ops(model)

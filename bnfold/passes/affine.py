@@ -6,7 +6,9 @@ Exporters lower a BN to arithmetic on the channel axis of whatever precedes it: 
 constants, often after an activation and in NHWC layout. :mod:`.decomposed` folds a chain that reads
 a Conv/Gemm/MatMul directly; this module handles every other chain that *is* a BN
 (:func:`~.decomposed.chain_kind`: a per-channel scale and shift over more than one channel, or a TF
-``batchnorm/`` scope), like a BatchNormalization node:
+``batchnorm/`` scope) and whose data was not normalized in the graph (the γ, β of a LayerNorm,
+GroupNorm or InstanceNorm are not a BN: :func:`_normalized_in_graph`), like a BatchNormalization
+node:
 
 1. The chain: from its first op, the run of single-use per-channel steps (no-op ``Cast``s between
    them included), all along one channel axis, found from the constants' shapes aligned to the
@@ -124,12 +126,56 @@ def _match(ctx: FoldContext, first: ir.Node) -> tuple[_Chain, np.ndarray, np.nda
     dims = shape_of(ctx, data)
     if dims is None or len(dims) != rank or dims[axis] != channels:
         return None  # the constants would broadcast the data up to C channels: no per-channel map
+    if _normalized_in_graph(ctx, data):
+        return None  # the affine of a LayerNorm/GroupNorm/InstanceNorm: no BatchNorm
     nodes, steps, (s, t) = compose(ctx, first, data, rank, channels, axis)
     if not nodes or chain_kind(nodes, s) != "batchnorm":
         return None
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
         return None
     return _Chain(nodes, steps, data, axis, rank), s, t
+
+
+#: Ops a normalization's output passes unchanged in value on its way to its affine.
+_TRANSPARENT = frozenset({"Reshape", "Cast", "Transpose", "Identity", "Squeeze", "Unsqueeze"})
+#: Normalization nodes whose affine an exporter may write as Mul + Add.
+_NORMS = frozenset(
+    {
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "MeanVarianceNormalization",
+        "LpNormalization",
+    }
+)
+
+
+def _normalized_in_graph(ctx: FoldContext, data: ir.Value) -> bool:
+    """Whether ``data`` was normalized with statistics computed in the graph: a norm node, or a
+    Div/Mul by a tensor derived from a Reduce* (a decomposed LayerNorm/GroupNorm). Their per-channel
+    Mul + Add is that norm's affine (γ, β), not an inference BatchNorm."""
+    p = data.producer()
+    for _ in range(8):
+        if p is None or p.op_type not in _TRANSPARENT or not p.inputs or p.inputs[0] is None:
+            break
+        p = p.inputs[0].producer()
+    if p is None:
+        return False
+    if p.op_type in _NORMS:
+        return True
+    if p.op_type not in ("Div", "Mul") or len(p.inputs) != 2:
+        return False
+    return any(_from_reduction(v, 8) for v in p.inputs)
+
+
+def _from_reduction(value: ir.Value | None, depth: int) -> bool:
+    """Whether a Reduce* op is among the few nodes that compute ``value``."""
+    p = value.producer() if value is not None else None
+    if p is None or depth <= 0:
+        return False
+    if p.op_type.startswith("Reduce"):
+        return True
+    return any(_from_reduction(v, depth - 1) for v in p.inputs[:2])
 
 
 def _has_scale_and_shift(ctx: FoldContext, first: ir.Node) -> bool:
