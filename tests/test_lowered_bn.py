@@ -458,3 +458,31 @@ def test_a_norm_layers_affine_is_not_a_batchnorm(norm):
     result = fold_checked(model)
 
     assert result.decisions == [] and ops(result.model) == ops(model)
+
+
+def test_scale_after_a_kept_batchnorm_node_is_not_counted_again():
+    # Caffe2's BatchNorm + Scale (the light DenseNet-121): Concat → BN → Mul → Add → Relu. The BN
+    # node is kept (a Concat is no producer); its Scale is part of the same layer, not a second BN.
+    model = model_from_text(
+        f"""{H17}
+        g (float[2,2,5,5] X, float[2,2,5,5] Z) => (float[2,4,5,5] Y) {{
+            c = Concat <axis = 1> (X, Z)
+            b = BatchNormalization (c, gamma, beta, mean, var)
+            m = Mul (b, s)
+            a = Add (m, t)
+            Y = Relu (a)
+        }}""",
+        {
+            "gamma": scale(4, 2, (4,)),
+            "beta": shift(4, 3, (4,)),
+            "mean": shift(4, 4, (4,)),
+            "var": scale(4, 5, (4,)),
+            "s": scale(4, 6, (4, 1, 1)),
+            "t": shift(4, 7, (4, 1, 1)),
+        },
+    )
+
+    result = fold_checked(model)
+
+    (d,) = result.decisions
+    assert d.source == "node" and d.reason == SkipReason.UNSUPPORTED_PRODUCER

@@ -7,8 +7,9 @@ constants, often after an activation and in NHWC layout. :mod:`.decomposed` fold
 a Conv/Gemm/MatMul directly; this module handles every other chain that *is* a BN
 (:func:`~.decomposed.chain_kind`: a per-channel scale and shift over more than one channel, or a TF
 ``batchnorm/`` scope) and whose data was not normalized in the graph (the γ, β of a LayerNorm,
-GroupNorm or InstanceNorm are not a BN: :func:`_normalized_in_graph`), like a BatchNormalization
-node:
+GroupNorm or InstanceNorm are not a BN: :func:`_normalized_in_graph`; a Mul + Add right after a
+BatchNormalization node is that layer's Caffe2-style Scale, counted with the node), like a
+BatchNormalization node:
 
 1. The chain: from its first op, the run of single-use per-channel steps (no-op ``Cast``s between
    them included), all along one channel axis, found from the constants' shapes aligned to the
@@ -128,6 +129,9 @@ def _match(ctx: FoldContext, first: ir.Node) -> tuple[_Chain, np.ndarray, np.nda
         return None  # the constants would broadcast the data up to C channels: no per-channel map
     if _normalized_in_graph(ctx, data):
         return None  # the affine of a LayerNorm/GroupNorm/InstanceNorm: no BatchNorm
+    producer = data.producer()
+    if producer is not None and producer.op_type == "BatchNormalization":
+        return None  # Caffe2's BatchNorm + Scale: one BN layer, already decided as that node
     nodes, steps, (s, t) = compose(ctx, first, data, rank, channels, axis)
     if not nodes or chain_kind(nodes, s) != "batchnorm":
         return None
