@@ -290,6 +290,7 @@ def check_model(
         result.error, result.exit_code = str(exc), exc.exit_code
         return result
     allowed_names = set(allow_nodes)
+    decisions = [d for d in decisions if d.kind == "batchnorm"]  # a layer-scale Mul is no BN
     result.batchnorms = len(decisions)
     for d in decisions:
         entry = d.to_dict()

@@ -19,8 +19,13 @@ JSON schema, version 1::
                                            # how it was folded (or, for "lowered", rewritten while kept)
          "target": str | null, "target_op": str | null,   # the node it was folded into
          "reason": str | null,             # a SkipReason value when kept
-         "detail": str}
+         "detail": str,
+         "kind": "batchnorm",              # added (issue 13), no schema bump
+         "source": "node" | "lowered"}     # a BatchNormalization node or a Mul/Add chain (added)
       ],
+      "affines": [ ... ],                  # same entries with "kind": "affine": per-channel
+                                           # Mul/Div(+Add) chains that are not BNs (a layer
+                                           # scale), folded; not in "totals" (added, no bump)
       "verification": null | VerificationResult.to_dict(),
       "bench": null | BenchResult.to_dict(),   # with fold --bench
       "timings": {"load": float, "fold": float, "save": float, "verify": float},   # seconds
@@ -64,6 +69,12 @@ class BNDecision:
     target: str | None = None  # name of the node folded into
     target_op: str | None = None
     reason: SkipReason | None = None
+    # "batchnorm": a BatchNormalization node or an exporter's lowering of one (Mul + Add,
+    # Sub -> Mul -> Add, per channel); "affine": another per-channel Mul/Div(+Add) that bnfold
+    # folded (a layer scale), reported under "affines" and not counted among the BatchNorms.
+    kind: str = "batchnorm"
+    # "node": a BatchNormalization node; "lowered": an exporter's Mul/Sub/Add/Div chain.
+    source: str = "node"
 
     @property
     def status(self) -> str:
@@ -79,6 +90,8 @@ class BNDecision:
             "target_op": self.target_op,
             "reason": self.reason.value if self.reason else None,
             "detail": self.detail,
+            "kind": self.kind,
+            "source": self.source,
         }
 
 
@@ -98,12 +111,22 @@ class FoldReport:
     bench: BenchResult | None = None  # fold --bench: original vs folded
 
     @property
+    def batchnorms(self) -> list[BNDecision]:
+        """The decisions about BatchNorms (nodes and lowered ones), not other affines."""
+        return [d for d in self.decisions if d.kind == "batchnorm"]
+
+    @property
+    def affines(self) -> list[BNDecision]:
+        """Folded per-channel affines that are not BatchNorms (e.g. a layer-scale Mul)."""
+        return [d for d in self.decisions if d.kind != "batchnorm"]
+
+    @property
     def folded(self) -> list[BNDecision]:
-        return [d for d in self.decisions if d.folded]
+        return [d for d in self.batchnorms if d.folded]
 
     @property
     def kept(self) -> list[BNDecision]:
-        return [d for d in self.decisions if not d.folded]
+        return [d for d in self.batchnorms if not d.folded]
 
     @property
     def verified(self) -> bool:
@@ -141,11 +164,12 @@ class FoldReport:
             "passed": self.passed,
             "strict": self.strict,
             "totals": {
-                "batchnorms": len(self.decisions),
+                "batchnorms": len(self.batchnorms),
                 "folded": len(self.folded),
                 "kept": len(self.kept),
             },
-            "batchnorms": [d.to_dict() for d in self.decisions],
+            "batchnorms": [d.to_dict() for d in self.batchnorms],
+            "affines": [d.to_dict() for d in self.affines],
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "bench": self.bench.to_dict() if self.bench is not None else None,
             "timings": {k: round(v, 6) for k, v in self.timings.items()},

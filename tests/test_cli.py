@@ -67,8 +67,11 @@ def test_json_report_schema(cnn, tmp_path):
         "target_op",
         "reason",
         "detail",
+        "kind",  # added by issue 13: "batchnorm" (here) or "affine" (listed under "affines")
+        "source",  # added by issue 13: "node" (here) or "lowered" (a Mul/Add chain)
     }
     assert bn["status"] == "folded" and bn["target_op"] == "Conv" and bn["direction"] == "backward"
+    assert bn["kind"] == "batchnorm" and bn["source"] == "node" and report["affines"] == []
     v = report["verification"]
     assert v["passed"] is True
     assert v["outputs"][0]["name"] == "logits"

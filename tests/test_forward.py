@@ -380,7 +380,8 @@ def test_flatten_with_unknown_length_kept():
     assert_kept(model, SkipReason.UNKNOWN_SHAPE, run=None)
 
 
-def test_computed_reshape_of_unknown_output_shape_kept():
+def test_computed_reshape_to_batch_and_minus1_folds():
+    # [N, -1] built from the BN output's own batch dim: a flatten to [N, 24] (issue 13)
     model = model_from_text(
         f"""{H17}
         g (float[N,4,6] X) => (float[N,5] Y) {{
@@ -393,7 +394,25 @@ def test_computed_reshape_of_unknown_output_shape_kept():
         }}""",
         {"W": randn(24, 5, seed=2), "minus1": np.array([-1], np.int64), **bn_params(4)},
     )
-    assert_kept(model, SkipReason.UNKNOWN_SHAPE)
+    result = assert_folded(model, "forward")
+    assert "blocks of 6" in result.decisions[0].detail
+
+
+def test_computed_reshape_of_unknown_output_shape_kept():
+    # the feature count comes from a graph input: nothing says it flattens to [N, 24]
+    model = model_from_text(
+        f"""{H17}
+        g (float[N,4,6] X, int64[1] K) => (float[N,5] Y) {{
+            x = Relu (X)
+            {BN}
+            n = Shape <end = 1> (y)
+            s = Concat <axis = 0> (n, K)
+            f = Reshape (y, s)
+            Y = MatMul (f, W)
+        }}""",
+        {"W": randn(24, 5, seed=2), **bn_params(4)},
+    )
+    assert_kept(model, SkipReason.UNKNOWN_SHAPE, run=None)
 
 
 def test_reshape_that_is_not_a_flatten_kept():

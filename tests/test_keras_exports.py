@@ -7,9 +7,9 @@ statistics far from identity; ``make_keras_fixtures.py`` beside them regenerates
 TensorFlow; CI needs none of it). ``MANIFEST.json`` says, per file, how many Keras BatchNormalization
 layers the model has and which layer precedes each.
 
-What these tests state is the goal, not today's behaviour: for every fixture that bnfold does not fold
-completely today (``keras_checks.NOT_YET``: the tutorial model from all six routes and Keras 3's
-torch-backend export of the Conv->BN variant), ``bnfold.fold`` reports every BN layer the exporter left
+For every fixture that bnfold did not fold completely before issue 13 (``keras_checks.NOT_YET``: the
+tutorial model from every route and Keras 3's torch-backend exports of the Conv->BN variant; the
+lowered-BN pass, :mod:`bnfold.passes.affine`, made them fold), ``bnfold.fold`` reports every BN layer the exporter left
 in the graph as a BatchNorm and folds all of them (backward into the Conv/Dense before it, or
 forward through MaxPool/Flatten/Reshape/Transpose into the next Conv/Dense), the output passes
 ``onnx.checker``, matches the original under ONNX Runtime with optimizations disabled (and the Keras
@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import pytest
 from keras_checks import NOT_YET, assert_check_flags_every_bn, assert_folds_every_bn
-
-# The pass that folds these patterns is being written (issue 13). Remove this mark when it lands:
-# strict, so the suite fails as soon as these tests pass and the mark becomes a lie.
-pytestmark = pytest.mark.xfail(strict=True, reason="issue 13: Keras patterns not folded yet")
 
 
 @pytest.mark.parametrize("name", NOT_YET)

@@ -15,7 +15,10 @@ rewires. Where to find what:
 - ``backward``       folds into the producer: Conv, ConvTranspose, Gemm, MatMul, MatMul + Add
 - ``forward``        planning a forward fold through MaxPool/AveragePool/Dropout/Flatten/Reshape…
 - ``forward_targets`` the Conv, Gemm and MatMul a forward fold folds into (border correction too)
-- ``decomposed``     Mul/Add/Sub/Div chains that are a BN in disguise
+- ``decomposed``     Mul/Add/Sub/Div chains that are a BN in disguise, right after their producer
+- ``affine``         such chains anywhere else (Keras/TF exports): backward, forward or kept
+- ``layout``         the channel axis through Transpose and no-op Cast/Identity
+- ``shape_vectors``  Reshape shapes computed from ``Shape`` (a dynamic batch), evaluated symbolically
 - ``lowering``       a kept inference BN rewritten as Mul + Add
 - ``rewiring``       graph surgery: new constants, bypass, copies, dead values, names
 - ``common``         dtype tables, attribute readers, labels

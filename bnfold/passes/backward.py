@@ -12,6 +12,8 @@ Cases, one function each (:data:`HANDLERS`):
    ``Add`` of the shift is created (none when the shift is zero).
 5. ``MatMul`` followed by ``Add`` of a constant bias of shape [N] or [1, N]: the bias absorbs the shift.
 
+Between the producer and a BN node there may be ``Transpose``/no-op ``Cast``/``Identity`` nodes
+(:mod:`.layout`) that bring the producer's channel axis back to axis 1; each must feed the next only.
 The producer's output must feed the BN only; with ``duplicate_shared`` a shared producer is copied
 and the BN folds into the copy (the other users keep the original). A fold refused midway is undone.
 The formulas are in :mod:`bnfold.numerics`; every weight is range-checked, then folded lazily.
@@ -31,6 +33,7 @@ from bnfold.report import BNDecision
 from .common import FLOAT_DTYPES, STD, attr, bias_name, is_constish, node_label, op_name, rank
 from .constants import Const, weight
 from .context import FoldContext
+from .layout import axis_before, is_layout
 from .rewiring import append_add, bypass, duplicate, set_input
 from .shapes import rank_of
 from .weights import Install, channel_absmax, conv_transpose_absmax, eager, lazy_fold
@@ -56,14 +59,18 @@ def fold_backward(
             SkipReason.IN_SUBGRAPH,
             f"its producer {op} {node_label(producer)} is outside {scope}, in an enclosing graph",
         )
+    passed: list[ir.Node] = []
+    if is_layout(ctx, producer):
+        producer, passed = _through_layout(ctx, bn, producer)
+        op = op_name(producer)
     handler = HANDLERS.get(op)
-    if handler is None:
+    if handler is None or (passed and op == "Add"):
         raise Refusal(
             SkipReason.UNSUPPORTED_PRODUCER, f"input comes from {op} {node_label(producer)}"
         )
     ctx.undo.clear()
     try:
-        producer, copied = _private_producer(ctx, bn, producer)
+        producer, copied = (producer, "") if passed else _private_producer(ctx, bn, producer)
         target, how, new_out = handler(ctx, producer, s, t)
     except Refusal:
         for undo in reversed(ctx.undo):
@@ -71,7 +78,8 @@ def fold_backward(
         raise
     finally:
         ctx.undo.clear()
-    bypass(ctx, bn, new_out)
+    via = ", ".join(f"{n.op_type} {node_label(n)}" for n in passed)
+    bypass(ctx, bn, bn.inputs[0] if passed else new_out)
     ctx.modified = True
     return BNDecision(
         name=node_label(bn),
@@ -79,9 +87,46 @@ def fold_backward(
         direction="backward",
         target=node_label(target),
         target_op=target.op_type,
-        detail=how + copied,
+        detail=(f"through {via}: " if via else "") + how + copied,
         graph=scope,
     )
+
+
+def _through_layout(ctx: FoldContext, bn: ir.Node, first: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
+    """The producer above a run of layout nodes (Transpose, no-op Cast/Identity; :mod:`.layout`)
+    that brings its output channels (axis 1) to the BN's channel axis 1, with the nodes passed.
+    Every value on the way must feed the next node only (the fold changes what it carries)."""
+    value, axis, node = bn.inputs[0], 1, first
+    rank = rank_of(ctx, value)
+    passed: list[ir.Node] = []
+    while is_layout(ctx, node):
+        if value.is_graph_output() or len(value.uses()) != 1:
+            raise Refusal(
+                SkipReason.PRODUCER_OUTPUT_SHARED,
+                f"{node.op_type} output {value.name} is also used elsewhere",
+            )
+        new_axis = axis_before(node, axis, rank)
+        if new_axis is None:
+            raise Refusal(
+                SkipReason.UNSUPPORTED_LAYOUT, f"cannot follow axis {axis} through {node.op_type}"
+            )
+        passed.append(node)
+        value, axis = node.inputs[0], new_axis
+        nxt = value.producer()
+        if nxt is None or nxt.graph is not bn.graph:
+            raise Refusal(SkipReason.NO_PRODUCER, f"{value.name} is not produced by a node here")
+        node = nxt
+    if value.is_graph_output() or len(value.uses()) != 1:
+        raise Refusal(
+            SkipReason.PRODUCER_OUTPUT_SHARED,
+            f"{node.op_type} output {value.name} is also used elsewhere",
+        )
+    if axis != 1 and node.op_type in HANDLERS:
+        raise Refusal(
+            SkipReason.UNSUPPORTED_LAYOUT,
+            f"the BN channels are axis {axis} of {node.op_type} {node_label(node)}'s output",
+        )
+    return node, passed
 
 
 def _private_producer(ctx: FoldContext, bn: ir.Node, producer: ir.Node) -> tuple[ir.Node, str]:

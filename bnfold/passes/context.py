@@ -49,6 +49,8 @@ class FoldContext:
     #: How to take back each step of a backward fold in progress, should it be refused midway.
     undo: list[Callable[[], None]] = field(default_factory=list)
     inferred: Inferred | None = None
+    #: ids of the nodes of every lowered-BN chain already decided (each is reported once).
+    affine_seen: set[int] = field(default_factory=set)
     modified: bool = False
 
     @classmethod

@@ -6,7 +6,12 @@ Exporters sometimes lower a BN to arithmetic with constants. A chain matches whe
   ``ConvTranspose``, ``Gemm`` or ``MatMul`` in the same graph;
 - each step applies a per-channel constant: it broadcasts along the channel axis (axis 1) only, after
   right-alignment (or the legacy ``broadcast``/``axis`` rules below opset 7), and is finite;
-- it contains at least one ``Mul`` or ``Div`` (a lone bias ``Add`` is not a BN).
+- it contains at least one ``Mul`` or ``Div`` (a lone bias ``Add`` is not a BN);
+- no-op ``Cast``s between two steps are part of it (Keras 3's torch export wraps every op in one).
+
+:func:`chain_kind` says whether the chain is a BN (``"batchnorm"``: scale and shift, per channel) or
+another affine (``"affine"``, e.g. a layer scale: reported apart, not counted as a BatchNorm). Chains
+anywhere else are :mod:`.affine`'s.
 
 The steps compose into one (s, t) in float64 (:func:`bnfold.numerics.affine_step`), which folds
 backward like a BN (:mod:`.backward`); the chain is removed and reported as one decision with
@@ -29,6 +34,7 @@ from .backward import HANDLERS
 from .common import AFFINE_OPS, PRODUCERS, STD, attr, node_label, rank
 from .constants import weight
 from .context import FoldContext
+from .layout import is_noop_cast
 from .rewiring import remove_nodes, take_over_output
 from .shapes import rank_of
 
@@ -47,7 +53,7 @@ def try_decomposed(ctx: FoldContext, first: ir.Node, scope: str) -> BNDecision |
         out_rank, channels = _producer_layout(ctx, producer)
     except Refusal:
         return None
-    chain, steps, (s, t) = _compose(ctx, first, data, out_rank, channels)
+    chain, steps, (s, t) = compose(ctx, first, data, out_rank, channels)
     if not any(n.op_type in ("Mul", "Div") for n in chain):
         return None  # a lone bias Add is not a BN (and Conv/Gemm already have one)
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
@@ -59,20 +65,45 @@ def try_decomposed(ctx: FoldContext, first: ir.Node, scope: str) -> BNDecision |
             "decomposed BN %s not folded: %s", [node_label(n) for n in chain], refusal.detail
         )
         return None
+    name = chain_label(chain)  # before an output is renamed
     last = chain[-1].outputs[0]
     take_over_output(ctx, last, new_out, "_bn_removed")
     last.replace_all_uses_with(new_out, replace_graph_outputs=True)
     remove_nodes(ctx, chain, keep=new_out)
     ctx.modified = True
     return BNDecision(
-        name=" + ".join(node_label(n) for n in chain),
+        name=name,
         folded=True,
+        kind=chain_kind(chain, s),
+        source="lowered",
         direction="decomposed",
         target=node_label(target),
         target_op=target.op_type,
         detail=f"{' → '.join(steps)} folded: {how}",
         graph=scope,
     )
+
+
+def chain_label(chain: list[ir.Node]) -> str:
+    """The decision's name: the chain's arithmetic nodes joined by " + " (no-op Casts left out)."""
+    return " + ".join(node_label(n) for n in chain if n.op_type in AFFINE_OPS)
+
+
+def chain_kind(chain: list[ir.Node], s: np.ndarray) -> str:
+    """``"batchnorm"`` when the chain has the structure of a lowered BatchNorm, else ``"affine"``.
+
+    A lowered BN scales *and* shifts per channel: the chain has a ``Mul``/``Div`` and an
+    ``Add``/``Sub``, over more than one channel (TF writes ``batchnorm/mul_1`` + ``batchnorm/add_1``,
+    Keras 3's torch backend ``Sub(mean)`` → ``Mul(scale)`` → ``Add(beta)``). A TF node name with a
+    ``batchnorm/`` scope says so too. Anything else (a layer-scale ``Mul``, ``x · 0.5 + 0.5``) is
+    an ``"affine"``: reported as what it is, and not counted among the BatchNorms.
+    """
+    ops = {n.op_type for n in chain}
+    if any("batchnorm/" in (n.name or "").lower() for n in chain) and ops & {"Mul", "Div"}:
+        return "batchnorm"
+    scales = ops & {"Mul", "Div"}
+    shifts = ops & {"Add", "Sub"}
+    return "batchnorm" if scales and shifts and s.shape[0] > 1 else "affine"
 
 
 def _single_use_producer(first: ir.Node) -> tuple[ir.Node | None, ir.Value | None]:
@@ -91,16 +122,17 @@ def _single_use_producer(first: ir.Node) -> tuple[ir.Node | None, ir.Value | Non
     return None, None
 
 
-def _compose(
-    ctx: FoldContext, node: ir.Node, value: ir.Value, out_rank: int, channels: int
+def compose(
+    ctx: FoldContext, node: ir.Node, value: ir.Value, out_rank: int, channels: int, axis: int = 1
 ) -> tuple[list[ir.Node], list[str], tuple[np.ndarray, np.ndarray]]:
-    """Walk the chain from ``node`` while each step is per-channel; (chain, step texts, (s, t))."""
-    graph = node.graph
+    """Walk the chain from ``node`` while each step is per-channel along ``axis``; (chain, step
+    texts, (s, t)). No-op ``Cast``s between two steps belong to the chain (they are removed with
+    it); one after the last step does not."""
     s, t = np.ones(channels), np.zeros(channels)
     chain: list[ir.Node] = []
     steps: list[str] = []
     while True:
-        step = _affine_operand(ctx, node, value, out_rank, channels)
+        step = affine_operand(ctx, node, value, out_rank, channels, axis)
         if step is None:
             break
         c, const_first, shape = step
@@ -110,15 +142,39 @@ def _compose(
             break
         chain.append(node)
         steps.append(f"{node.op_type}({'c, y' if const_first else 'y, c'}: c{list(shape)})")
-        out = node.outputs[0]
+        casts, nxt = next_step(ctx, node)
+        if nxt is None:
+            break
+        chain.extend(casts)
+        node, value = nxt, nxt_input(casts, node)
+    return chain, steps, (s, t)
+
+
+def nxt_input(casts: list[ir.Node], node: ir.Node) -> ir.Value:
+    """The value the next step reads: the last no-op Cast's output, else ``node``'s output."""
+    return casts[-1].outputs[0] if casts else node.outputs[0]
+
+
+def next_step(ctx: FoldContext, node: ir.Node) -> tuple[list[ir.Node], ir.Node | None]:
+    """(no-op Casts in between, the next Mul/Add/Sub/Div) when ``node``'s output flows, through
+    single-use no-op Casts only, into exactly one such op in the same graph; ([], None) otherwise."""
+    casts: list[ir.Node] = []
+    cur = node
+    for _ in range(_MAX_CHAIN):
+        out = cur.outputs[0]
         uses = list(out.uses())
         if out.is_graph_output() or len(uses) != 1:
-            break
+            return [], None
         nxt = uses[0].node
-        if nxt.graph is not graph or nxt.domain not in STD or nxt.op_type not in AFFINE_OPS:
-            break
-        node, value = nxt, out
-    return chain, steps, (s, t)
+        if nxt.graph is not node.graph or nxt.domain not in STD:
+            return [], None
+        if nxt.op_type in AFFINE_OPS:
+            return casts, nxt
+        if not (nxt.op_type == "Cast" and uses[0].idx == 0 and is_noop_cast(ctx, nxt)):
+            return [], None
+        casts.append(nxt)
+        cur = nxt
+    return [], None
 
 
 def _has_scale_op(first: ir.Node, graph: ir.Graph) -> bool:
@@ -157,12 +213,13 @@ def _producer_layout(ctx: FoldContext, node: ir.Node) -> tuple[int, int]:
     return 2, w.shape[1]
 
 
-def _affine_operand(
-    ctx: FoldContext, node: ir.Node, data: ir.Value, out_rank: int, channels: int
+def affine_operand(
+    ctx: FoldContext, node: ir.Node, data: ir.Value, out_rank: int, channels: int, axis: int = 1
 ) -> tuple[np.ndarray, bool, tuple[int, ...]] | None:
     """(per-channel constant as [C], constant-is-first, its shape) when ``node`` applies a
     per-channel constant to ``data``; None otherwise. The constant must broadcast along the channel
-    axis only: size 1 on every other axis after right-alignment, and no more axes than the data."""
+    ``axis`` only: size 1 on every other axis after right-alignment, and no more axes than the
+    data."""
     if len(node.inputs) != 2 or node.inputs[0] is node.inputs[1] or data not in node.inputs:
         return None
     i = list(node.inputs).index(data)
@@ -174,8 +231,8 @@ def _affine_operand(
     aligned = _aligned_shape(ctx, node, shape, out_rank, data_first=i == 0)
     if aligned is None:
         return None
-    for axis, d in enumerate(aligned):
-        if d != 1 and not (axis == 1 and d == channels):
+    for a, d in enumerate(aligned):
+        if d != 1 and not (a == axis and d == channels):
             return None
     arr = c.load64().reshape(-1)
     vec = np.full(channels, arr[0]) if arr.size == 1 else arr

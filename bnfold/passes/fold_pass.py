@@ -14,26 +14,17 @@ import onnx_ir as ir
 from bnfold.reasons import Refusal, SkipReason
 from bnfold.report import BNDecision
 
+from .affine import kept_reason, try_affine
 from .backward import fold_backward
 from .bnparams import bn_affine
 from .common import AFFINE_OPS, STD, is_bn, node_label
 from .context import FoldContext, walk_graphs
 from .decomposed import try_decomposed
-from .forward import NoTarget, fold_forward
+from .forward import fold_forward
 from .lowering import lower
 from .rewiring import remove_dead, restore_names
 
 logger = logging.getLogger(__name__)
-
-#: Reasons that only say "there is no node on that side to fold into".
-_STRUCTURAL = frozenset(
-    {
-        SkipReason.NO_PRODUCER,
-        SkipReason.UNSUPPORTED_PRODUCER,
-        SkipReason.PRODUCER_OUTPUT_SHARED,
-        SkipReason.IN_SUBGRAPH,
-    }
-)
 
 
 @dataclass
@@ -62,7 +53,11 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
        ``lower_remaining`` a kept inference BN is rewritten to ``Mul`` + ``Add`` (:mod:`.lowering`).
 
     Decomposed BNs (:mod:`.decomposed`): a chain of per-channel ``Mul``/``Add``/``Sub``/``Div`` right
-    after a Conv/ConvTranspose/Gemm/MatMul folds into it (direction ``"decomposed"``).
+    after a Conv/ConvTranspose/Gemm/MatMul folds into it (direction ``"decomposed"``; ``kind``
+    ``"affine"`` when it is no BN, e.g. a layer scale). Any other chain that is a lowered BN
+    (:mod:`.affine`: per-channel scale and shift, e.g. after an activation, in NHWC layout) is
+    decided like a BatchNormalization node: backward through Transpose/Cast/bias Add, forward, or
+    kept with its reason.
 
     Constants (:mod:`.constants`) may be initializers, ``Constant``/``ConstantOfShape`` or computed
     from constants. In IR ≥ 4 an initializer that is also a graph input may be overridden by the
@@ -116,7 +111,7 @@ def _process(ctx: FoldContext, graph: ir.Graph) -> None:
             if affine is not None and ctx.lower_remaining:
                 to_lower.append((len(ctx.decisions) - 1, node, affine))
         elif node.op_type in AFFINE_OPS and node.domain in STD:
-            decomposed = try_decomposed(ctx, node, scope)
+            decomposed = try_decomposed(ctx, node, scope) or try_affine(ctx, node, scope)
             if decomposed is not None:
                 ctx.decisions.append(decomposed)
     for index, bn, (s, t) in to_lower:
@@ -143,10 +138,7 @@ def _decide(
         return fold_forward(ctx, bn, s, t, scope), None
     except Refusal as refusal:
         fwd = refusal
-    if isinstance(fwd, NoTarget) or back.reason not in _STRUCTURAL:
-        reason, detail = back.reason, f"{back.detail}; forward: {fwd.detail}"
-    else:
-        reason, detail = fwd.reason, f"forward: {fwd.detail}; backward: {back.detail}"
+    reason, detail = kept_reason(back, fwd)
     return _kept(bn, reason, detail, scope), (s, t)
 
 

@@ -6,8 +6,13 @@ Planning walks the readers of the BN's output (:func:`plan_forward`). Each reade
 - a per-channel op that commutes with y = s · x + t (:data:`THROUGH`), walked through:
   ``MaxPool``/``GlobalMaxPool`` when every scale is > 0, ``AveragePool`` unless it counts padded
   zeros, ``GlobalAveragePool``, ``Identity``, inference ``Dropout``;
-- ``Flatten`` (axis 1) or a ``Reshape`` to [N, C·D] (:data:`RESHAPERS`): walked through, and the
-  per-channel map becomes per-feature, each channel repeated over its block of D features;
+- ``Transpose``, no-op ``Cast`` and ``Identity`` (:mod:`.layout`): walked through, the channel axis
+  follows the permutation (a lowered BN in NHWC starts on axis 3); pools and Conv/Gemm need it on
+  axis 1, a MatMul on the last axis;
+- ``Flatten`` (axis 1) or a ``Reshape`` to [N, C·D] (:data:`RESHAPERS`; the shape a constant, or
+  computed from ``Shape`` of the input, :mod:`.shape_vectors`): walked through, and the per-channel
+  map becomes per-feature: each channel repeated over its block of D features (channels on axis 1),
+  or the channels repeated D times (channels last, Keras's H, W, C flatten order);
 - a node to fold into (:data:`~.forward_targets.TARGETS`: Conv, Gemm, MatMul), planned and checked;
 - anything else, a value read in a subgraph, or a walked-through output that is a graph output: no
   forward fold (the BN is kept, with the backward reason unless that one is merely structural).
@@ -19,6 +24,7 @@ The formulas (and why each through-op commutes) are in :mod:`bnfold.numerics`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import onnx_ir as ir
@@ -27,11 +33,13 @@ from bnfold import numerics
 from bnfold.reasons import Refusal, SkipReason
 from bnfold.report import BNDecision
 
-from .common import INT_DTYPES, MAX_COMPUTED_ELEMENTS, attr, dims_str, node_label, op_name, str_attr
+from .common import MAX_COMPUTED_ELEMENTS, attr, dims_str, node_label, op_name, str_attr
 from .constants import const
 from .context import FoldContext
 from .forward_targets import TARGETS, NoTarget, Plan, Vec
+from .layout import axis_after, is_layout, is_noop_cast, transpose_perm
 from .rewiring import remove_nodes
+from .shape_vectors import Dim, shape_vector
 from .shapes import shape_of
 
 __all__ = ["NoTarget", "fold_forward"]
@@ -85,9 +93,17 @@ def plan_forward(
             raise NoTarget(f"{value.name} is read inside a subgraph, by {what}{via}")
         if op in ("Shape", "Size"):
             continue
-        if idx == 0 and (op in THROUGH or op in RESHAPERS):
-            if op in THROUGH:
+        layout = idx == 0 and is_layout(ctx, node)
+        if idx == 0 and (op in THROUGH or op in RESHAPERS or layout):
+            if layout:
+                nxt = _through_layout(node, vec, f"{what}{via}")
+            elif op in THROUGH:
                 _check_extra_outputs(node)
+                if not vec.features and vec.axis != 1:
+                    raise Refusal(
+                        SkipReason.UNSUPPORTED_LAYOUT,
+                        f"{what}{via} works on axis 1; the BN channel axis is {vec.axis} there",
+                    )
                 THROUGH[op](ctx, node, vec)
                 nxt = vec
             else:
@@ -103,14 +119,34 @@ def plan_forward(
         plans.append(target(ctx, node, value, vec, via))
 
 
+def _through_layout(node: ir.Node, vec: Vec, where: str) -> Vec:
+    """The map after a Transpose (the channel axis moves) or a no-op Cast/Identity (unchanged)."""
+    if node.op_type != "Transpose":
+        return vec
+    if vec.features:
+        raise NoTarget(f"its flattened features feed {where}")
+    perm = transpose_perm(node, vec.rank)
+    axis = axis_after(node, vec.axis, vec.rank)
+    if perm is None or axis is None:
+        raise NoTarget(f"the channel axis {vec.axis} cannot be followed through {where}")
+    return replace(vec, axis=axis, rank=len(perm))
+
+
 def _per_feature(vec: Vec, block: int) -> Vec:
-    """The map after a Flatten/Reshape that turns each channel into ``block`` features."""
+    """The map after a Flatten/Reshape that turns each channel into ``block`` features: blocks of
+    ``block`` consecutive features per channel (channels on axis 1), or the channels repeated
+    ``block`` times (channels last, as in an NHWC flatten: feature k is channel k mod C)."""
+    if vec.axis == 1:
+        s, t = numerics.repeat_blocks(vec.s, block), numerics.repeat_blocks(vec.t, block)
+    else:
+        s, t = np.tile(vec.s, block), np.tile(vec.t, block)
     return Vec(
-        numerics.repeat_blocks(vec.s, block),
-        numerics.repeat_blocks(vec.t, block),
+        s,
+        t,
         features=True,
         channels=vec.channels,
         block=vec.block * block,
+        interleaved=vec.axis != 1,
     )
 
 
@@ -185,7 +221,13 @@ def flatten_block(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec) ->
     """How many flattened features each channel of ``value`` becomes through a Flatten/Reshape
     to [N, C·D] (D = the product of the spatial dims); refuses when that is not what it does."""
     label = f"{node.op_type} {node_label(node)}"
-    dims = shape_of(ctx, value)
+    if vec.features:
+        raise NoTarget(f"its flattened features feed {label} again")
+    dims = in_dims = shape_of(ctx, value)
+    if dims is not None and vec.axis not in (1, len(dims) - 1):
+        raise NoTarget(f"{label} flattens a value whose channel axis is {vec.axis}")
+    if dims is not None and vec.axis != 1:  # channels last: move them to axis 1 for the count
+        dims = [dims[0], dims[-1], *dims[1:-1]]
     block = _spatial_block(value, dims, vec.s.shape[0], label)
     features = vec.s.shape[0] * block
     if node.op_type == "Flatten":
@@ -196,7 +238,7 @@ def flatten_block(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec) ->
             raise NoTarget(f"{label} flattens from axis {axis}, not from the channel axis 1")
         return block
     # Reshape: the output must be [N, C·D].
-    out = _reshape_target(ctx, node, dims)
+    out = _reshape_target(ctx, node, in_dims)
     if out is None:
         out_dims = shape_of(ctx, node.outputs[0])
         if out_dims is None or len(out_dims) != 2 or out_dims[1] is None:
@@ -242,25 +284,27 @@ def _spatial_block(
 def _reshape_target(
     ctx: FoldContext, node: ir.Node, dims: list[int | None]
 ) -> list[int | None] | None:
-    """The output dims of a Reshape with a constant shape, or None when its shape is computed.
-    A -1 is resolved only when every other output dim is known."""
-    try:
-        c = const(
-            ctx,
-            node.inputs[1] if len(node.inputs) > 1 else None,
-            what="Reshape shape",
-            weight=False,
-        )
-    except Refusal:
+    """The output dims of a Reshape whose shape is a constant, or a vector computed from
+    ``Shape`` of its own input and constants (:mod:`.shape_vectors`), else None. A -1 is resolved
+    when every other output dim is known, or for [N, -1] where N is the input's own dim 0."""
+    entries = shape_vector(ctx, node.inputs[1] if len(node.inputs) > 1 else None)
+    if entries is None:
         return None
-    if c.dtype not in INT_DTYPES:
-        return None
-    shape = [int(d) for d in np.asarray(c.load()).reshape(-1)]
+    same = _same_tensors(ctx, node.inputs[0])
     allowzero = int(attr(node, "allowzero", 0))
     out: list[int | None] = []
-    for i, d in enumerate(shape):
-        if d == 0 and not allowzero:
+    keeps_batch = False
+    for i, d in enumerate(entries):
+        if isinstance(d, Dim):
+            if d.value in same and d.axis < len(dims):
+                out.append(dims[d.axis])
+                keeps_batch |= i == 0 and d.axis == 0
+            else:
+                known = shape_of(ctx, d.value)
+                out.append(known[d.axis] if known and d.axis < len(known) else None)
+        elif d == 0 and not allowzero:
             out.append(dims[i] if i < len(dims) else None)
+            keeps_batch |= i == 0
         else:
             out.append(d)
     if -1 in out and out.count(-1) == 1:
@@ -269,17 +313,21 @@ def _reshape_target(
         total = np.prod(dims) if all(d is not None for d in dims) else None
         if total is not None and all(d is not None for d in rest) and np.prod(rest) > 0:
             out[i] = int(total // np.prod(rest))
-        elif (
-            len(shape) == 2
-            and i == 1
-            and shape[0] == 0
-            and not allowzero
-            and all(d is not None for d in dims[1:])
-        ):
-            out[i] = int(np.prod(dims[1:], dtype=np.int64))  # [0, -1]: keep N, flatten the rest
+        elif len(out) == 2 and i == 1 and keeps_batch and all(d is not None for d in dims[1:]):
+            out[i] = int(np.prod(dims[1:], dtype=np.int64))  # [N, -1]: keep N, flatten the rest
         else:
             out[i] = None
     return out
+
+
+def _same_tensors(ctx: FoldContext, value: ir.Value | None) -> list[ir.Value]:
+    """``value`` and the values it equals through no-op Casts/Identity above it."""
+    same: list[ir.Value] = []
+    while value is not None and len(same) < 64:
+        same.append(value)
+        p = value.producer()
+        value = p.inputs[0] if p is not None and is_noop_cast(ctx, p) else None
+    return same
 
 
 #: Ops that flatten the channels into features, and how many features each channel becomes.

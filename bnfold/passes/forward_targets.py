@@ -31,6 +31,7 @@ from .backward import gemm_operands
 from .common import FLOAT_DTYPES, STD, attr, bias_name, dims_str, node_label, str_attr
 from .constants import Const, weight
 from .context import FoldContext
+from .layout import is_noop_cast
 from .rewiring import append_add, set_input
 from .shapes import rank_of, shape_of
 from .weights import eager, lazy_fold
@@ -51,6 +52,8 @@ class Vec:
     """The per-channel affine map a forward fold carries: y = s · x + t along the channel axis.
 
     ``features``: the value is [N, K] with the channels (or channel blocks) on its last axis.
+    ``axis``: otherwise, the channel axis (1 for a BatchNormalization; a Transpose moves it, see
+    :mod:`.layout`); ``rank``: the value's rank where known.
     """
 
     s: np.ndarray
@@ -58,6 +61,10 @@ class Vec:
     features: bool
     channels: int
     block: int = 1
+    #: features from a channels-last flatten: feature k is channel k mod C (not blocks of D)
+    interleaved: bool = False
+    axis: int = 1
+    rank: int | None = None
 
 
 @dataclass
@@ -71,6 +78,7 @@ class Plan:
 def plan_conv(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec, via: str) -> Plan:
     """Conv: scale the weight's input channels, shift into the bias, compensate a padded border."""
     label = f"Conv {node_label(node)}"
+    _require_axis1(vec, label, via)
     w = weight(ctx, node.inputs[1] if len(node.inputs) > 1 else None, "Conv weight")
     if len(w.shape) < 3:
         raise Refusal(SkipReason.SHAPE_MISMATCH, f"Conv weight has rank {len(w.shape)}")
@@ -220,9 +228,28 @@ def _border_correction(
     return correction if np.any(correction) else None
 
 
+def _blocks_text(vec: Vec, before: str, after: str = "") -> str:
+    """How the per-channel map was spread over the flattened features, for the detail text."""
+    if vec.block <= 1:
+        return ""
+    if vec.interleaved:
+        return f"{before}channels interleaved, {vec.block} positions × {vec.channels}{after}"
+    return f"{before}blocks of {vec.block}{after}"
+
+
+def _require_axis1(vec: Vec, label: str, via: str) -> None:
+    """Conv and Gemm read their channels / features on axis 1."""
+    if not vec.features and vec.axis != 1:
+        raise Refusal(
+            SkipReason.UNSUPPORTED_LAYOUT,
+            f"{label}{via} reads channels on axis 1; the BN channel axis is {vec.axis} there",
+        )
+
+
 def plan_gemm(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec, via: str) -> Plan:
     """Gemm (transA = 0): scale B along K, C absorbs alpha · shift · B, beta becomes 1."""
     label = f"Gemm {node_label(node)}"
+    _require_axis1(vec, label, via)
     if int(attr(node, "transA", 0)):
         raise Refusal(
             SkipReason.UNSUPPORTED_LAYOUT,
@@ -268,7 +295,7 @@ def plan_gemm(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec, via: s
         if beta != 1.0:
             node.attributes["beta"] = ir.Attr("beta", ir.AttributeType.FLOAT, 1.0)
         axis = "columns, transB=1" if trans_b else "rows, transB=0"
-        blocks = f", blocks of {vec.block}" if vec.block > 1 else ""
+        blocks = _blocks_text(vec, ", ")
         return (
             f"{label}{via}: B scaled along K ({axis}{blocks}); "
             f"C {'updated' if c is not None else 'created'}"
@@ -287,11 +314,11 @@ def plan_matmul(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec, via:
                 SkipReason.UNKNOWN_SHAPE,
                 f"the rank of {value.name}, read by {label}{via}, is unknown",
             )
-        if rank != 2:
+        if vec.axis != rank - 1 or rank < 2:
             raise Refusal(
                 SkipReason.UNSUPPORTED_LAYOUT,
                 f"{label}{via} contracts the last axis of a rank-{rank} tensor; "
-                "the BN channel axis is 1",
+                f"the BN channel axis is {vec.axis}",
             )
     if len(node.inputs) != 2:
         raise Refusal(SkipReason.INVALID_PARAMS, f"{label} needs 2 inputs")
@@ -329,7 +356,7 @@ def plan_matmul(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec, via:
 
     def apply() -> str:
         install()
-        blocks = f" (blocks of {vec.block})" if vec.block > 1 else ""
+        blocks = _blocks_text(vec, " (", ")")
         how = f"{label}{via}: weight rows scaled{blocks}; "
         if bias_add is not None:
             bias_v = bias_add.inputs[bias_idx]
@@ -350,10 +377,16 @@ def _following_bias(
     """(Add, index of its bias, the bias) when the MatMul's only reader adds a constant bias that
     the shift can go into; (None, None, None) otherwise."""
     out = node.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return None, None, None
-    user = uses[0].node
+    while True:
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output():
+            return None, None, None
+        user = uses[0].node
+        # a no-op Cast between the MatMul and its bias (Keras 3's torch export) changes nothing
+        if user.op_type == "Cast" and user.graph is node.graph and is_noop_cast(ctx, user):
+            out = user.outputs[0]
+            continue
+        break
     if not (
         user.op_type == "Add"
         and user.domain in STD

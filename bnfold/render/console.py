@@ -125,10 +125,11 @@ def render(
 ) -> None:
     """Draw the report on a rich Console: BN table, verification table, timings, PASSED/FAILED."""
     _render_decisions(report, console, verbose=verbose)
+    affines = f" (and {len(report.affines)} other affine(s) folded)" if report.affines else ""
     _line(
         console,
-        f"BatchNormalization: {len(report.decisions)} found, {len(report.folded)} folded, "
-        f"{len(report.kept)} kept. Nodes: {report.nodes_before} → {report.nodes_after}.",
+        f"BatchNormalization: {len(report.batchnorms)} found, {len(report.folded)} folded, "
+        f"{len(report.kept)} kept{affines}. Nodes: {report.nodes_before} → {report.nodes_after}.",
     )
     if dry_run:
         _line(
@@ -184,6 +185,8 @@ def _render_decisions(report: FoldReport, console: Console, *, verbose: bool) ->
             how = _styled("folded", "green")
             if d.direction and d.direction != "backward":
                 how = _join(how, f" ({d.direction})")
+            if d.kind != "batchnorm":
+                how = _join(how, f" [{d.kind}]")
             into = inert_text(f"{d.target_op} {d.target}")
             table.add_row(inert_text(d.name), how, into, inert_text(d.detail))
         else:
