@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import model_from_text, randn
 from foldchecks import assert_folded, fold_checked, ops
+from helpers import model_from_text, randn
 
 from bnfold.reasons import SkipReason
 
