@@ -20,13 +20,14 @@ logger = logging.getLogger("bnfold.latency")
 def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     """Write the latency distributions of ``result`` as a PNG: one panel per level, one box per model.
 
-    Needs matplotlib (``pip install 'bnfold[plot]'``); raises :class:`UsageError` without it, or when
+    Needs matplotlib (``pip install matplotlib``, or ``pip install '.[plot]'`` in a checkout); raises :class:`UsageError` without it, or when
     the result carries no per-run samples. Returns the path written.
     """
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'bnfold[plot]'") from None
+        raise UsageError("--plot needs matplotlib: pip install matplotlib "
+            "(or, in a bnfold checkout, pip install '.[plot]')") from None
     if not result.entries or any(not e.stats.samples_ms for e in result.entries):
         raise UsageError("the benchmark result has no per-run samples to plot")
     levels = list(result.levels) or list(dict.fromkeys(e.level for e in result.entries))

@@ -28,7 +28,9 @@ def _import_torch():  # noqa: ANN202 - returns the torch module
         import torch
     except ImportError:
         raise TorchUnavailableError(
-            "PyTorch is not installed; install the extra: pip install 'bnfold[torch]'"
+            "PyTorch is not installed; for the CPU build: pip install torch==2.13.0 "
+            "--index-url https://download.pytorch.org/whl/cpu (or pip install '.[torch]' in a "
+            "bnfold checkout)"
         ) from None
     return torch
 

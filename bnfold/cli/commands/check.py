@@ -32,7 +32,9 @@ def check(
     models: Annotated[
         list[Path],
         typer.Argument(
-            help="ONNX model(s) to check: files, directories or glob patterns.", show_default=False
+            metavar="MODEL...",
+            help="ONNX model(s) to check: files, directories or glob patterns.",
+            show_default=False,
         ),
     ],
     allow: AllowOpt = 0,

@@ -43,6 +43,7 @@ def fold(
     models: Annotated[
         list[Path],
         typer.Argument(
+            metavar="MODEL...",
             help="ONNX model(s) to fold: files, directories (every *.onnx below) or glob patterns.",
             show_default=False,
         ),

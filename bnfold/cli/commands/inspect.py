@@ -20,7 +20,9 @@ EXIT_OK = 0
 
 
 def inspect(
-    model: Annotated[Path, typer.Argument(help="The ONNX model to inspect.", show_default=False)],
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="The ONNX model to inspect.", show_default=False)
+    ],
     lower_remaining: Annotated[
         bool, typer.Option("--lower-remaining", help="As in 'bnfold fold'.")
     ] = False,

@@ -36,10 +36,16 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def verify(
-    reference: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
+    reference: Annotated[
+        Path, typer.Argument(metavar="REFERENCE", help="The original model.", show_default=False)
+    ],
     candidate: Annotated[
         Path,
-        typer.Argument(help="The model that should compute the same function.", show_default=False),
+        typer.Argument(
+            metavar="CANDIDATE",
+            help="The model that should compute the same function.",
+            show_default=False,
+        ),
     ],
     input_shape: InputShapeOpt = None,
     data: DataOpt = None,

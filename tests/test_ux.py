@@ -1,0 +1,75 @@
+"""A new user's first hour: help at 80 columns, one-line usage errors, quiet reasons, results
+that print well, PyTorch files in every command, in-place folding."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bnfold.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+COMMANDS = ("fold", "inspect", "check", "verify", "bench")
+
+
+def _runner() -> CliRunner:
+    try:  # click < 8.2 separates stderr only when asked
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+runner = _runner()
+
+
+def invoke(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+# --- help at 80 columns ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_is_readable_at_80_columns(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = invoke(command, "--help", terminal_width=80)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    for junk in ("…", "<bool>", "{models}", "<list[", "<path>", "<int", "<float", "╭", "│"):
+        assert junk not in text, (junk, text)
+    # Every option name and every environment variable is printed in full.
+    from typer.main import get_command
+
+    cmd = get_command(app).commands[command]
+    for param in cmd.params:
+        for name in (*param.opts, *getattr(param, "secondary_opts", ())):
+            if name.startswith("-"):
+                assert re.search(rf"(^|[\s,/]){re.escape(name)}(\s|,|$)", text, re.M), name
+        envvar = getattr(param, "envvar", None)
+        if envvar:
+            assert envvar in text.replace("\n", " ").replace("  ", " "), envvar
+
+
+def test_bench_help_names_the_plot_extra_and_speaks_of_timing():
+    text = invoke("bench", "--help", terminal_width=80).output
+    flat = " ".join(text.split())
+    assert "[plot]" in flat
+    assert "verification" not in flat  # bench's options say what they do for timing
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("fold", "--bogus", "x.onnx"), ("fold",), ("fold", "x.onnx", "-j", "0"), ("nosuchcommand",)],
+)
+def test_usage_errors_are_one_line_exit_2(args):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), result.stderr
+    assert "Traceback" not in result.output
