@@ -73,3 +73,47 @@ def test_usage_errors_are_one_line_exit_2(args):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), result.stderr
     assert "Traceback" not in result.output
+
+
+# --- -q keeps the reasons --------------------------------------------------------------------------
+
+
+def test_quiet_batch_names_the_failing_model_and_why(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(SAMPLES / "cnn2d.onnx", models / "good.onnx")
+    (models / "bad.onnx").write_bytes(b"not a model")
+    result = invoke("fold", models, "-O", tmp_path / "out", "-q")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == "FAILED"
+    reasons = lines[:-1]
+    assert len(reasons) == 1, lines
+    assert "bad.onnx" in reasons[0] and "not a valid ONNX model" in reasons[0]
+    assert "good.onnx" not in result.output  # quiet: nothing about the model that passed
+
+
+def test_quiet_strict_names_the_kept_batchnorm(tmp_path):
+    from conftest import write_unfoldable_model
+
+    model = tmp_path / "kept.onnx"
+    write_unfoldable_model(model)
+    result = invoke("fold", model, "-o", tmp_path / "k.onnx", "--strict", "-q")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == "FAILED"
+    assert len(lines) == 2 and "--strict" in lines[0] and "unsupported_producer" in lines[0]
+
+
+def test_quiet_verification_failure_names_the_output(tmp_path, monkeypatch):
+    from bnfold import numerics
+
+    real = numerics.fold_conv
+    monkeypatch.setattr(numerics, "fold_conv", lambda w, s: real(w, s) * 1.01)
+    model = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", model)
+    result = invoke("fold", model, "-o", tmp_path / "o.onnx", "-q")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == "FAILED"
+    assert "verification failed: logits" in lines[0] and "max abs error" in lines[0]

@@ -26,8 +26,10 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib "
-            "(or, in a bnfold checkout, pip install '.[plot]')") from None
+        raise UsageError(
+            "--plot needs matplotlib: pip install matplotlib "
+            "(or, in a bnfold checkout, pip install '.[plot]')"
+        ) from None
     if not result.entries or any(not e.stats.samples_ms for e in result.entries):
         raise UsageError("the benchmark result has no per-run samples to plot")
     levels = list(result.levels) or list(dict.fromkeys(e.level for e in result.entries))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "batch_progress_line",
+    "failure_lines",
     "make_console",
     "render",
     "render_batch",
@@ -340,6 +341,39 @@ def batch_progress_line(item: BatchItem, done: int, total: int) -> str:
     path and error are inert, so the line cannot start a workflow command or hold escapes."""
     line = f"[{done}/{total}] {inert(item.input)}: {item.status}"
     return line + (f" ({inert(item.error)})" if item.error else "")
+
+
+def failure_lines(report: dict[str, Any], error: str | None = None) -> list[str]:
+    """Why one model failed, one plain line per cause (for ``-q``, which drops the tables but
+    never the reasons). ``report`` is a FoldReport's JSON form (or ``{"input": ...}`` with
+    ``error``); every model-controlled string is inert."""
+    where = inert(report.get("input") or "model")
+    if error is not None:
+        text = inert(error)
+        return [text if text.startswith(where) else f"{where}: error: {text}"]
+    lines = []
+    v = report.get("verification") or {}
+    if v and not v.get("passed") and not v.get("skipped_reason"):
+        for o in v.get("outputs", []):
+            if o.get("passed"):
+                continue
+            why = o.get("message") or (
+                f"max abs error {_fmt_err(o.get('max_abs_error'))}, "
+                f"{o.get('mismatched')} element(s) outside atol {o['atol']:g} + rtol {o['rtol']:g}·|ref|"
+            )
+            lines.append(f"{where}: verification failed: {inert(o['name'])}: {inert(why)}")
+        if v.get("message"):
+            lines.append(f"{where}: verification failed: {inert(v['message'])}")
+        if not lines:
+            lines.append(f"{where}: verification failed")
+    if report.get("strict"):
+        for b in report.get("batchnorms", []):
+            if b["status"] == "kept":
+                lines.append(
+                    f"{where}: --strict: BatchNormalization {inert(b['name'])} kept "
+                    f"({b['reason']}: {inert(b['detail'])})"
+                )
+    return lines
 
 
 def render_batch(result: BatchResult, console: Console) -> None:

@@ -159,7 +159,7 @@ def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> 
     report = result.report
     out.write(report.to_dict(), lambda: fold_markdown([report]))
     if out.quiet:
-        out.console.print("PASSED" if report.passed else "FAILED")
+        _quiet_end(out.console, [report.to_dict()] if not report.passed else [], report.passed)
     else:
         render(report, out.console, verbose=out.verbose)
     raise typer.Exit(report.exit_code)
@@ -194,7 +194,22 @@ def _fold_batch(
             bar.stop()
     out.write(result.to_dict(), lambda: batch_markdown(result))
     if quiet:
-        console.print("PASSED" if result.passed else "FAILED")
+        failed = [i for i in result.items if i.exit_code != 0]
+        _quiet_end(console, failed, result.passed)
     else:
         render_batch(result, console)
     raise typer.Exit(result.exit_code)
+
+
+def _quiet_end(console: Any, failed: list, passed: bool) -> None:  # noqa: ANN401
+    """``-q``: no tables, but one line per cause of failure, then PASSED/FAILED."""
+    from bnfold.render.console import failure_lines, status_line
+
+    for entry in failed:
+        if isinstance(entry, dict):
+            lines = failure_lines(entry)
+        else:  # a BatchItem
+            lines = failure_lines(entry.report or {"input": entry.input}, entry.error)
+        for line in lines:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(status_line(passed), soft_wrap=True)
