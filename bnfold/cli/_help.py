@@ -106,12 +106,12 @@ class BnfoldGroup(TyperGroup):
             if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: bare `bnfold`
                 exc.show()
                 sys.exit(0)
-            print(_one_line(exc), file=sys.stderr)
+            print(_one_line(exc), file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
         except ClickException as exc:
-            print(_one_line(exc), file=sys.stderr)
+            print(_one_line(exc), file=sys.stderr, flush=True)
             sys.exit(exc.exit_code)
         except typer.Abort:
-            print("bnfold: interrupted; nothing was written", file=sys.stderr)
+            print("bnfold: interrupted; nothing was written", file=sys.stderr, flush=True)
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(rv if isinstance(rv, int) else 0)
