@@ -9,6 +9,7 @@ its own entry, and the batch's exit code is the worst of them (2 bad input > 1 f
 from __future__ import annotations
 
 __all__ = [
+    "as_onnx",
     "fold_any",
     "is_torch_input",
     "BatchItem",
@@ -19,6 +20,7 @@ __all__ = [
     "check_model",
 ]
 
+import contextlib
 import glob
 import os
 from collections.abc import Callable, Sequence
@@ -159,6 +161,21 @@ def fold_any(
     return fold_with(model, output, opts.replace(trust_pickle=False, opset=17), progress=progress)
 
 
+def as_onnx(
+    path: str | os.PathLike,
+    *,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    trust_pickle: bool = False,
+) -> contextlib.AbstractContextManager[str | os.PathLike]:
+    """``path`` itself for an ONNX file; for a PyTorch file, a temporary ONNX export of it (as
+    ``bnfold fold`` exports it, every BatchNorm kept), removed when the context ends."""
+    if not is_torch_input(path):
+        return contextlib.nullcontext(path)
+    from .torch.files import torch_file_as_onnx
+
+    return torch_file_as_onnx(path, input_shapes=input_shapes, trust_pickle=trust_pickle)
+
+
 def _fold_one(task: tuple[str, str | None, FoldOptions]) -> BatchItem:
     """Worker: fold one model; never raises for the user's errors (they become the item's error)."""
     src, dst, options = task
@@ -254,20 +271,24 @@ def check_model(
     allow_nodes: Sequence[str] = (),
     against: str | os.PathLike | None = None,
     verify_options: dict[str, Any] | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    trust_pickle: bool = False,
 ) -> CheckResult:
     """Read-only gate: fold a copy in memory (nothing is written) and list the BNs that folded.
 
     It passes while at most ``allow`` foldable BNs remain (besides those in ``allow_nodes``). With
     ``against`` (the original model), also verify ``path`` against it under ONNX Runtime; a
-    failed verification fails the check whatever ``allow`` says.
+    failed verification fails the check whatever ``allow`` says. A PyTorch file is exported as
+    ``bnfold fold`` exports it (``input_shapes``, ``trust_pickle`` as there) and that is checked.
     """
     from . import io as _io
     from .api import fold_model
 
     result = CheckResult(path=str(path))
     try:
-        model = _io.load(path)
-        decisions = fold_model(model)  # in memory only; folded weights stay lazy, never computed
+        with as_onnx(path, input_shapes=input_shapes, trust_pickle=trust_pickle) as onnx_path:
+            model = _io.load(onnx_path)
+            decisions = fold_model(model)  # in memory only; folded weights stay lazy
     except BnfoldError as exc:
         result.error, result.exit_code = str(exc), exc.exit_code
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,77 @@ def test_quiet_verification_failure_names_the_output(tmp_path, monkeypatch):
     lines = result.output.strip().splitlines()
     assert lines[-1] == "FAILED"
     assert "verification failed: logits" in lines[0] and "max abs error" in lines[0]
+
+
+# --- PyTorch files: every command reads them, torch's warnings stay out of the output -------------
+
+
+def _torch_net():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x)).relu()
+            if y.shape[0] > 0:  # a Python branch on a shape: torch's tracer warns about it
+                y = y.mean((2, 3))
+            return self.fc(y)
+
+    return torch, Net().eval(), torch.randn(1, 3, 8, 8)
+
+
+@pytest.fixture
+def pt2(tmp_path) -> Path:
+    torch, net, x = _torch_net()
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(path))
+    return path
+
+
+@pytest.mark.torch
+def test_inspect_and_check_read_a_pt2_file_as_fold_does(pt2, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    inspected = invoke("inspect", pt2, "--json", "-")
+    assert inspected.exit_code == 0, inspected.output
+    import json
+
+    report = json.loads(inspected.stdout)
+    assert report["input"] == str(pt2)
+    assert [(b["status"], b["target_op"]) for b in report["batchnorms"]] == [("folded", "Conv")]
+    checked = invoke("check", pt2)
+    assert checked.exit_code == 1, checked.output  # one foldable BN left: the gate fails
+    assert "1 foldable" in checked.output and "protobuf" not in checked.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside it
+
+
+@pytest.mark.torch
+def test_inspect_torchscript_without_shapes_is_one_line(tmp_path):
+    torch, net, x = _torch_net()
+    path = tmp_path / "net.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(net, (x,)), str(path))
+    result = invoke("inspect", path)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "--input-shape x=" in result.stderr
+    assert invoke("inspect", path, "--input-shape", "x=1,3,8,8").exit_code == 0
+
+
+@pytest.mark.torch
+def test_torch_warnings_are_logged_at_debug_not_printed(tmp_path, caplog):
+    import logging
+
+    import bnfold.torch
+
+    _, net, x = _torch_net()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with caplog.at_level(logging.DEBUG, logger="bnfold.torch"):
+            result = bnfold.torch.export(net, (x,), tmp_path / "net.onnx")
+    assert result
+    assert [str(w.message) for w in seen] == []
+    assert "TracerWarning" in caplog.text

@@ -67,6 +67,7 @@ from ._common import (
     _seeded_like,
     _shapes_text,
     _to_numpy,
+    warnings_to_log,
 )
 from ._folder import _fold_scopes
 from ._scopes import _count_layers, _discover, _Run
@@ -100,6 +101,7 @@ class ModuleFoldResult:
         return self.report.passed
 
 
+@warnings_to_log
 def fold_module(
     module: Any,
     example_inputs: Any = None,

@@ -25,6 +25,7 @@ from bnfold.cli.options import (
     QuietOpt,
     RtolOpt,
     SeedOpt,
+    TrustPickleOpt,
 )
 
 
@@ -44,6 +45,7 @@ def check(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
+    trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     quiet: QuietOpt = False,
@@ -75,6 +77,8 @@ def check(
             allow_nodes=allow_node or (),
             against=against,
             verify_options=verify_options,
+            input_shapes=shapes or None,
+            trust_pickle=trust_pickle,
         )
         for path, _ in inputs
     ]
