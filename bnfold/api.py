@@ -260,7 +260,9 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
             progress=(lambda d, n: progress("save", d, n)) if progress else None,
         )
         job.timings["save"] = time.perf_counter() - t2
-        if verify:
+        if verify and not report.decisions:
+            report.verification = _nothing_to_verify(job)
+        elif verify:
             report.verification = _verify(job, str(staged.path), progress)
         if job.out_path is not None and not report.verification_failed:
             staged.commit()
@@ -268,6 +270,19 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
     finally:
         if not staged.committed:
             staged.discard()
+
+
+NOTHING_FOLDED = (
+    "no BatchNormalization was found, so the output is the input model unchanged and there is "
+    "nothing to compare"
+)
+
+
+def _nothing_to_verify(job: _Job):  # noqa: ANN202 - bnfold.compare.VerificationResult
+    """No BN, nothing changed: say so instead of spending a verification on an identical copy."""
+    from .compare import VerificationResult
+
+    return VerificationResult(passed=False, seed=job.options.seed, skipped_reason=NOTHING_FOLDED)
 
 
 def _verify(job: _Job, candidate: str, progress: ProgressFn | None):  # noqa: ANN202

@@ -192,3 +192,61 @@ def test_torch_warnings_are_logged_at_debug_not_printed(tmp_path, caplog):
     assert result
     assert [str(w.message) for w in seen] == []
     assert "TracerWarning" in caplog.text
+
+
+# --- a model without BatchNormalization ------------------------------------------------------------
+
+
+def _no_bn_model(path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])],
+        [numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_no_batchnorm_says_why_and_does_not_verify_a_copy(tmp_path, monkeypatch):
+    import bnfold.compare
+
+    def no_verification(*args, **kwargs):
+        raise AssertionError("an unchanged copy was verified")
+
+    monkeypatch.setattr(bnfold.compare, "verify_models", no_verification)
+    model = tmp_path / "plain.onnx"
+    _no_bn_model(model)
+    result = invoke("fold", model, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"bnfold: {model}"  # the header every run prints
+    text = " ".join(result.output.split())
+    assert "both torch.onnx exporters fold Conv+BN" in text
+    assert "Verification skipped: no BatchNormalization was found" in text
+    assert lines[-1] == "PASSED" and (tmp_path / "out.onnx").exists()
+
+
+def test_verification_row_shows_what_the_pass_rule_compares(tmp_path):
+    import json
+
+    model = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", model)
+    result = invoke("fold", model, "-o", tmp_path / "o.onnx")
+    header = next(
+        line for line in result.output.splitlines() if "output" in line and "dtype" in line
+    )
+    cells = [c.strip() for c in re.split(r"[┃│|]", header) if c.strip()]
+    assert cells == ["output", "dtype", "max abs", "atol needed", "atol", "rtol", "result"]
+    row = next(
+        line for line in result.output.splitlines() if line.startswith(("│ logits", "| logits"))
+    )
+    values = [c.strip() for c in re.split(r"[┃│|]", row) if c.strip()]
+    report = json.loads(invoke("fold", model, "-o", tmp_path / "p.onnx", "--json", "-").stdout)
+    entry = report["verification"]["outputs"][0]
+    assert float(values[3]) == pytest.approx(entry["min_atol_to_pass"], rel=1e-2, abs=1e-12)
+    assert float(values[3]) <= float(values[4]) and values[6] == "pass"

@@ -56,6 +56,16 @@ def make_console(*, stderr: bool = False) -> Console:
     return console
 
 
+NO_BATCHNORM_HINT = (
+    "No BatchNormalization in the model: nothing to fold.",
+    "This is common for models exported from PyTorch: both torch.onnx exporters fold Conv+BN in "
+    "eval mode by default (checked with torch 2.13: dynamo=False through do_constant_folding=True, "
+    "dynamo=True as well), so the BNs are already gone.",
+    "To see and check each BN, give bnfold the PyTorch model instead: 'bnfold fold model.pt2' "
+    "(torch.export.save), or bnfold.torch.export(model, example_inputs, 'model.onnx') in Python.",
+)
+
+
 def _fmt_err(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
@@ -171,7 +181,9 @@ def render(
 
 def _render_decisions(report: FoldReport, console: Console, *, verbose: bool) -> None:
     if not report.decisions:
-        _line(console, "No BatchNormalization nodes in the model.")
+        _line(console, _join("bnfold: ", inert_text(report.input or "model")))
+        for line in NO_BATCHNORM_HINT:
+            _line(console, line)
         return
     table = _table(
         _join("bnfold: ", inert_text(report.input or "model")),
@@ -226,7 +238,9 @@ def render_verification(
             inert_text(title)
             if title
             else "Verification (ONNX Runtime, CPU, optimizations disabled)",
-            ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"),
+            # An element passes when |cand - ref| <= atol + rtol*|ref|; "atol needed" is the
+            # smallest atol that rule needs at this rtol, so a row passes iff atol needed <= atol.
+            ("output", "dtype", "max abs", "atol needed", "atol", "rtol", "result"),
         )
         for o in v.outputs:
             result = (
@@ -238,7 +252,7 @@ def render_verification(
                 inert_text(o.name),
                 inert_text(o.dtype),
                 _fmt_err(o.max_abs_error),
-                _fmt_err(o.max_rel_error),
+                _fmt_err(o.min_atol_to_pass),
                 f"{o.atol:g}",
                 f"{o.rtol:g}",
                 result,
