@@ -250,3 +250,17 @@ def test_verification_row_shows_what_the_pass_rule_compares(tmp_path):
     entry = report["verification"]["outputs"][0]
     assert float(values[3]) == pytest.approx(entry["min_atol_to_pass"], rel=1e-2, abs=1e-12)
     assert float(values[3]) <= float(values[4]) and values[6] == "pass"
+
+
+def test_bench_note_speaks_of_conv_bn_fusion_only_for_conv_bn_models(tmp_path):
+    from bnfold.latency.results import LEVEL_NOTE, level_note
+
+    plain = tmp_path / "plain.onnx"
+    _no_bn_model(plain)
+    conv_bn = str(SAMPLES / "cnn2d.onnx")
+    gemm_bn = str(SAMPLES / "mlp_bn.onnx")
+    assert level_note([conv_bn, str(plain)]) == LEVEL_NOTE
+    assert "Conv+BatchNormalization by itself" in LEVEL_NOTE
+    assert "does not fuse" in level_note([gemm_bn, str(plain)])
+    assert "BatchNormalization by itself" not in level_note([str(plain)])
+    assert "holds a BatchNormalization" in level_note([str(plain)])
