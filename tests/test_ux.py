@@ -264,3 +264,45 @@ def test_bench_note_speaks_of_conv_bn_fusion_only_for_conv_bn_models(tmp_path):
     assert "does not fuse" in level_note([gemm_bn, str(plain)])
     assert "BatchNormalization by itself" not in level_note([str(plain)])
     assert "holds a BatchNormalization" in level_note([str(plain)])
+
+
+def test_plot_zooms_each_level_to_its_data_and_marks_outliers(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from bnfold.latency import BenchResult, LatencyStats, ModelBench, plot
+
+    rng = np.random.default_rng(0)
+
+    def samples(scale: float, outlier: float | None = None) -> LatencyStats:
+        values = rng.lognormal(0, 0.05, 100) * scale
+        if outlier is not None:
+            values[0] = outlier
+        return LatencyStats.from_samples(values)
+
+    result = BenchResult(
+        entries=(
+            ModelBench("a", "disable", samples(7.0)),
+            ModelBench("b", "disable", samples(6.5)),
+            ModelBench("a", "all", samples(0.1, outlier=7.0)),
+            ModelBench("b", "all", samples(0.1)),
+        ),
+        ratios=(),
+        levels=("disable", "all"),
+        threads=1,
+        provider="CPUExecutionProvider",
+        models=("a", "b"),
+    )
+    saved: list[Figure] = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda self, *a, **k: (saved.append(self), real_savefig(self, *a, **k))
+    )
+    plot(result, tmp_path / "latency.png")
+    disable_axis, all_axis = saved[0].axes[:2]
+    assert all_axis.get_ylim()[1] < 0.2  # 0.1 ms medians on a 0.1 ms axis, not a 7 ms one
+    assert disable_axis.get_ylim()[0] > 5.0
+    markers = [line for line in all_axis.get_lines() if line.get_marker() == "^"]
+    assert len(markers) == 1  # the 7 ms run of model a, on the top edge
+    assert any("1 above" in t.get_text() for t in all_axis.texts)
