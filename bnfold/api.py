@@ -141,9 +141,13 @@ def fold_with(
 ) -> FoldResult:
     """:func:`fold` with its options as one :class:`FoldOptions`; the phases, in order."""
     options.refuse(("opset",), "bnfold.fold", "it applies to PyTorch inputs only")
+    if progress:
+        progress("load", 0, 1)
     job = _load(model, output, options)
     try:
         _keep_reference(job, model)
+        if progress:
+            progress("fold", 0, 1)
         report = _run_pass(job)
         _write_and_verify(job, report, progress)
         _bench(job, report, progress)
@@ -251,6 +255,8 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
             job.work = Path(tempfile.mkdtemp(prefix="bnfold-"))
         target = job.work / "folded.onnx"
     t2 = time.perf_counter()
+    if progress:
+        progress("save", 0, 1)
     inputs = {job.input_path} if job.input_path else set()
     staged = _io.StagedOutput(target, protected=job.protected | inputs)
     try:

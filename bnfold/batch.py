@@ -193,8 +193,11 @@ def fold_many(
     jobs: int = 1,
     options: FoldOptions | None = None,
     on_done: Callable[[BatchItem, int, int], None] | None = None,
+    on_running: Callable[[list[str]], None] | None = None,
 ) -> BatchResult:
-    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``.
+    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``
+    after each model, ``on_running(inputs)`` with the models in flight whenever that changes
+    (workers take models in order, so these are the first ``jobs`` unfinished ones).
 
     Every model gets the same ``options`` (a frozen, picklable :class:`FoldOptions`)."""
     import time
@@ -207,6 +210,8 @@ def fold_many(
     items: list[BatchItem | None] = [None] * len(work)
     if jobs <= 1 or len(work) <= 1:
         for k, task in enumerate(work):
+            if on_running:
+                on_running([task[0]])
             items[k] = _fold_one(task)
             if on_done:
                 on_done(items[k], k + 1, len(work))
@@ -218,8 +223,14 @@ def fold_many(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = {pool.submit(_fold_one, task): k for k, task in enumerate(work)}
+            unfinished = list(range(len(work)))
+            if on_running:
+                on_running([work[i][0] for i in unfinished[:jobs]])
             for done, future in enumerate(as_completed(futures), start=1):
                 k = futures[future]
+                unfinished.remove(k)
+                if on_running and unfinished:
+                    on_running([work[i][0] for i in unfinished[:jobs]])
                 try:
                     items[k] = future.result()
                 except (

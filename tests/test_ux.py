@@ -306,3 +306,50 @@ def test_plot_zooms_each_level_to_its_data_and_marks_outliers(tmp_path, monkeypa
     markers = [line for line in all_axis.get_lines() if line.get_marker() == "^"]
     assert len(markers) == 1  # the 7 ms run of model a, on the top edge
     assert any("1 above" in t.get_text() for t in all_axis.texts)
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+def test_single_fold_progress_shows_each_phase_with_sizes(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    import bnfold
+    from bnfold.cli._shared import Progress
+
+    model = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", model)
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    progress = Progress(console, enabled=True, model=model, output=tmp_path / "out.onnx")
+    with progress as update:
+        assert bnfold.fold(model, tmp_path / "out.onnx", progress=update)
+        tasks = list(progress._bar.tasks)
+    labels = [t.description for t in tasks]
+    size = model.stat().st_size
+    assert labels[0] == f"loading cnn2d.onnx ({size / 1e6:.1f} MB)", (labels, size)
+    assert [label.split()[0] for label in labels] == ["loading", "folding", "writing", "verifying"]
+    assert "0/1" not in " ".join(t.fields["count"] for t in tasks)  # no "verifying 0/1"
+    assert all(t.completed == t.total for t in tasks)  # every phase ended
+
+
+def test_batch_reports_the_models_in_flight_before_they_finish(tmp_path):
+    from bnfold.batch import fold_many
+
+    tasks = []
+    for name in ("a", "b"):
+        shutil.copy(SAMPLES / "cnn2d.onnx", tmp_path / f"{name}.onnx")
+        tasks.append((tmp_path / f"{name}.onnx", tmp_path / "out" / f"{name}.onnx"))
+    events: list[tuple[str, ...]] = []
+    fold_many(
+        tasks,
+        on_running=lambda inputs: events.append(("running", *(Path(i).name for i in inputs))),
+        on_done=lambda item, done, n: events.append(("done", Path(item.input).name)),
+    )
+    assert events == [
+        ("running", "a.onnx"),
+        ("done", "a.onnx"),
+        ("running", "b.onnx"),
+        ("done", "b.onnx"),
+    ]

@@ -154,7 +154,7 @@ def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> 
     from bnfold.render.console import render
     from bnfold.render.markdown import fold_markdown
 
-    with Progress(out.console, enabled=not out.quiet) as progress:
+    with Progress(out.console, enabled=not out.quiet, model=model, output=output) as progress:
         result = fold_any(model, output, options, progress=progress)
     report = result.report
     out.write(report.to_dict(), lambda: fold_markdown([report]))
@@ -177,10 +177,14 @@ def _fold_batch(
     console, quiet = out.console, out.quiet
     bar = batch_bar(console, len(tasks)) if console.is_terminal and not quiet else None
 
+    def on_running(inputs: list[str]) -> None:
+        if bar is not None:
+            names = ", ".join(inert_markup(Path(i).name) for i in inputs)
+            bar.update(bar.task_ids[0], description=f"folding {names}")
+
     def on_done(item, done, n) -> None:  # noqa: ANN001 - BatchItem, int, int
         if bar is not None:
-            name = inert_markup(Path(item.input).name)
-            bar.update(bar.task_ids[0], completed=done, description=f"folded {name}")
+            bar.update(bar.task_ids[0], completed=done)
         elif not quiet:
             # Not a terminal (CI logs): one plain line per model, no control characters.
             console.print(
@@ -188,7 +192,9 @@ def _fold_batch(
             )
 
     try:
-        result = fold_many(tasks, jobs=jobs, options=options, on_done=on_done)
+        result = fold_many(
+            tasks, jobs=jobs, options=options, on_done=on_done, on_running=on_running
+        )
     finally:
         if bar is not None:
             bar.stop()
