@@ -353,3 +353,97 @@ def test_batch_reports_the_models_in_flight_before_they_finish(tmp_path):
         ("running", "b.onnx"),
         ("done", "b.onnx"),
     ]
+
+
+# --- in place, and the pre-commit story ----------------------------------------------------------
+
+
+def _hooks() -> dict[str, str]:
+    """``{hook id: entry}`` from .pre-commit-hooks.yaml (a flat list of mappings)."""
+    hooks, current = {}, None
+    for line in (ROOT / ".pre-commit-hooks.yaml").read_text().splitlines():
+        if line.startswith("- id: "):
+            current = line[len("- id: ") :].strip()
+        elif line.strip().startswith("entry: ") and current:
+            hooks[current] = line.strip()[len("entry: ") :]
+    return hooks
+
+
+def test_pre_commit_check_says_how_to_fix_and_the_fold_hook_fixes_it(tmp_path, monkeypatch):
+    import shlex
+
+    hooks = _hooks()
+    assert set(hooks) == {"bnfold-check", "bnfold-fold"}
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(SAMPLES / "cnn2d.onnx", "cnn2d.onnx")
+    _no_bn_model(tmp_path / "plain.onnx")
+    plain_bytes = (tmp_path / "plain.onnx").read_bytes()
+    files = ["cnn2d.onnx", "plain.onnx"]
+
+    def hook(name: str):
+        return invoke(*shlex.split(hooks[name])[1:], *files)
+
+    flagged = hook("bnfold-check")
+    assert flagged.exit_code == 1
+    assert "to fix: bnfold fold --in-place cnn2d.onnx" in flagged.output
+    fixed = hook("bnfold-fold")
+    assert fixed.exit_code == 0 and fixed.output.strip() == "PASSED", fixed.output
+    assert (tmp_path / "plain.onnx").read_bytes() == plain_bytes  # nothing folded: untouched
+    assert hook("bnfold-check").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no staging or data left over
+
+
+def test_in_place_with_external_data_replaces_model_and_data(tmp_path):
+    import onnx
+    from conftest import random_feeds, run_ort
+
+    proto = onnx.load(SAMPLES / "cnn2d.onnx")
+    feeds = random_feeds(proto)
+    expected = run_ort(proto, feeds)
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    result = invoke("fold", model, "--in-place")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert (
+        len(names) == 2
+        and names[0] == "m.onnx"
+        and re.fullmatch(r"m\.onnx\.[0-9a-f]{8}\.data", names[1])
+    )
+    folded = onnx.load(model)
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    for got, want in zip(run_ort(folded, feeds), expected, strict=True):
+        assert abs(got - want).max() < 1e-4
+
+
+def test_in_place_leaves_the_file_untouched_when_verification_fails(tmp_path, monkeypatch):
+    from bnfold import numerics
+
+    real = numerics.fold_conv
+    monkeypatch.setattr(numerics, "fold_conv", lambda w, s: real(w, s) * 1.01)
+    model = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", model)
+    before = model.read_bytes()
+    result = invoke("fold", model, "--in-place", "-q")
+    assert result.exit_code == 1
+    assert "verification failed" in result.output
+    assert model.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cnn2d.onnx"]
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (("--in-place", "--no-verify"), "without verification"),
+        (("--in-place", "-o", "x.onnx"), "takes no -o"),
+        (("-o", "out.txt"), "ending in .onnx"),
+    ],
+)
+def test_in_place_and_output_name_refusals(tmp_path, args, text):
+    model = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", model)
+    before = model.read_bytes()
+    result = invoke("fold", model, *args)
+    assert result.exit_code == 2 and text in result.stderr, result.output
+    assert model.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cnn2d.onnx"]

@@ -143,6 +143,15 @@ OutputDirOpt = Annotated[
         help="Write every folded model here, mirroring the inputs' relative layout (external data included).",
     ),
 ]
+InPlaceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--in-place",
+        help="Replace each ONNX MODEL with its folded model, only after verification passed "
+        "(atomic, external data included); a model where nothing folds is left untouched. "
+        "For pre-commit: the bnfold-fold hook.",
+    ),
+]
 JobsOpt = Annotated[
     int,
     typer.Option(

@@ -162,10 +162,10 @@ def render(
             _line(
                 console,
                 _join(
-                    _styled("Not written:", "red"),
+                    _styled("Not written:", "red" if report.verification_failed else "yellow"),
                     " ",
                     inert_text(report.output),
-                    " (verification failed)",
+                    " (verification failed)" if report.verification_failed else " (unchanged)",
                 ),
             )
     if report.passed:
@@ -396,10 +396,12 @@ def render_batch(result: BatchResult, console: Console) -> None:
         f"bnfold fold: {len(result.items)} models, {result.jobs} job(s), {result.seconds:.1f}s",
         ("model", "BN", "folded", "kept (reasons)", "max abs error", "output", "result"),
     )
+    errors = []
     for item in result.items:
         if item.error is not None or item.report is None:
-            error = _join(_styled("error", "red"), " ", inert_text(item.error or ""))
-            t.add_row(inert_text(item.input), "", "", "", "", "-", error)
+            # The error is printed in full below the table: a table cell would wrap it over lines.
+            errors.append(item)
+            t.add_row(inert_text(item.input), "", "", "", "", "-", _styled("error", "red"))
             continue
         m = item.report
         kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
@@ -413,6 +415,9 @@ def render_batch(result: BatchResult, console: Console) -> None:
             _styled("PASSED", "green") if item.exit_code == 0 else _styled("FAILED", "red"),
         )
     _emit(console, t)
+    for item in errors:
+        for line in failure_lines(item.report or {"input": item.input}, item.error or "failed"):
+            _line(console, _styled(line, "red"))
     _line(console, status_line(result.passed))
 
 
@@ -430,15 +435,10 @@ def render_check(results: list[CheckResult], console: Console) -> None:
             if not r.foldable
             else _styled(f"{len(r.foldable)} foldable BatchNorm(s) left", "red")
         )
-        _line(
-            console,
-            _join(
-                path,
-                f": {r.batchnorms} BatchNorm(s); ",
-                status,
-                f"; {len(r.kept)} kept; {len(r.allowed)} allowed",
-            ),
-        )
+        tail = f"; {len(r.kept)} kept (bnfold cannot fold them)" if r.kept else ""
+        if r.allowed:
+            tail += f"; {len(r.allowed)} left on purpose (--allow-node)"
+        _line(console, _join(path, f": {r.batchnorms} BatchNorm(s); ", status, tail))
         if r.foldable:
             t = _table(None, ("BatchNormalization", "would fold into", "how"), show_header=True)
             for d in r.foldable:
@@ -448,5 +448,10 @@ def render_check(results: list[CheckResult], console: Console) -> None:
                     inert_text(d["detail"]),
                 )
             _emit(console, t)
+            _line(
+                console,
+                f"  to fix: bnfold fold --in-place {inert(r.path)}  (folds and verifies, then "
+                "replaces the file; in pre-commit: the bnfold-fold hook)",
+            )
         if r.verification is not None:
             render_verification(r.verification, console, title=f"{r.path} against its original")

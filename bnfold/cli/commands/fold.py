@@ -21,6 +21,7 @@ from bnfold.cli.options import (
     BenchOpt,
     DuplicateSharedOpt,
     ExternalDataOpt,
+    InPlaceOpt,
     InputShapeOpt,
     JobsOpt,
     JsonOpt,
@@ -50,6 +51,7 @@ def fold(
     ],
     output: OutputOpt = None,
     output_dir: OutputDirOpt = None,
+    in_place: InPlaceOpt = False,
     jobs: JobsOpt = 1,
     verify: VerifyOpt = True,
     input_shape: InputShapeOpt = None,
@@ -96,8 +98,15 @@ def fold(
     single = len(inputs) == 1 and output_dir is None and not models[0].is_dir()
     if output is not None and not single:
         raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
+    if output is not None and output.suffix.lower() != ".onnx":
+        raise UsageError(
+            f"-o {output}: the folded model is an ONNX file; give a name ending in .onnx "
+            "(--json/--markdown write the report)"
+        )
     console = console_for(json_out == "-")
     out = _Output(console, json_out, markdown, verbose, quiet)
+    if in_place:
+        _fold_in_place([src for src, _ in inputs], options, out, output, output_dir)
     if single:
         model = inputs[0][0]
         _fold_one(model, output if output is not None else default_output(model), options, out)
@@ -219,3 +228,37 @@ def _quiet_end(console: Any, failed: list, passed: bool) -> None:  # noqa: ANN40
         for line in lines:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(status_line(passed), soft_wrap=True)
+
+
+def _fold_in_place(
+    models: list[Path], options: FoldOptions, out: _Output, output: Path | None, output_dir: Any
+) -> None:
+    """``--in-place``: each ONNX model replaced by its folded, verified self; exit with the worst."""
+    from bnfold.api import fold_in_place
+    from bnfold.batch import is_torch_input
+    from bnfold.errors import UsageError
+    from bnfold.render.console import render
+    from bnfold.render.markdown import fold_markdown
+
+    if output is not None or output_dir is not None:
+        raise UsageError("--in-place writes over each MODEL; it takes no -o/--output-dir")
+    torch_files = [m for m in models if is_torch_input(m)]
+    if torch_files:
+        raise UsageError(
+            f"{torch_files[0]}: --in-place replaces ONNX files; a PyTorch file is folded into a "
+            "new .onnx (bnfold fold MODEL -o OUT.onnx)"
+        )
+    reports = []
+    for model in models:
+        with Progress(out.console, enabled=not out.quiet, model=model, output=model) as progress:
+            reports.append(fold_in_place(model, options, progress=progress).report)
+        if not out.quiet:
+            render(reports[-1], out.console, verbose=out.verbose)
+    payload = (
+        reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}
+    )
+    out.write(payload, lambda: fold_markdown(reports))
+    failed = [r.to_dict() for r in reports if not r.passed]
+    if out.quiet:
+        _quiet_end(out.console, failed, not failed)
+    raise typer.Exit(max(r.exit_code for r in reports))
