@@ -53,6 +53,14 @@ class FoldResult:
     def __bool__(self) -> bool:
         return self.report.passed
 
+    def __repr__(self) -> str:
+        from .render import summary
+
+        return summary.one_line("FoldResult", summary.fold_report(self.report))
+
+    def _repr_markdown_(self) -> str:
+        return self.report.to_markdown()
+
 
 def fold_model(
     model: ir.Model, *, lower_remaining: bool = False, duplicate_shared: bool = False

@@ -115,6 +115,16 @@ class BatchResult:
     def passed(self) -> bool:
         return self.exit_code == 0
 
+    def __repr__(self) -> str:
+        from .render import summary
+
+        return summary.one_line("BatchResult", summary.batch(self))
+
+    def _repr_markdown_(self) -> str:
+        from .render.markdown import batch_markdown
+
+        return batch_markdown(self)
+
     def __bool__(self) -> bool:
         return self.passed
 

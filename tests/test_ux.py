@@ -447,3 +447,55 @@ def test_in_place_and_output_name_refusals(tmp_path, args, text):
     assert result.exit_code == 2 and text in result.stderr, result.output
     assert model.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["cnn2d.onnx"]
+
+
+# --- results that print well ---------------------------------------------------------------------
+
+
+def test_results_have_one_line_reprs_and_markdown(tmp_path):
+    import bnfold
+    from bnfold.batch import fold_many
+
+    model = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", model)
+    folded = bnfold.fold(model, tmp_path / "f.onnx")
+    assert repr(folded).startswith("FoldResult: PASSED, 2/2 folded, max abs err ")
+    assert repr(folded.report).startswith("FoldReport: PASSED, 2/2 folded")
+    assert repr(folded.verification).startswith("VerificationResult: passed, 1 output, max abs")
+    bench = bnfold.bench([model, tmp_path / "f.onnx"], runs=5, levels=("disable",), warmup=1)
+    assert repr(bench).startswith("BenchResult: 2 models x 1 levels; f.onnx/cnn2d.onnx ")
+    located = bnfold.localize(model, tmp_path / "f.onnx")
+    assert repr(located).startswith("LocalizeResult: none: ")
+    (tmp_path / "bad.onnx").write_bytes(b"junk")
+    batch = fold_many(
+        [(model, tmp_path / "o" / "a.onnx"), (tmp_path / "bad.onnx", tmp_path / "o" / "b.onnx")]
+    )
+    assert repr(batch).startswith("BatchResult: FAILED, 2 models: 1 passed, 0 failed, 1 error, ")
+    for result in (folded, folded.report, folded.verification, bench, located, batch):
+        text = repr(result)
+        assert "\n" not in text and len(text) <= 200, text
+        assert result._repr_markdown_().strip()
+    assert folded.report.to_markdown().startswith("### bnfold fold: PASSED")
+
+
+def test_repr_of_a_failed_fold_says_why(tmp_path, monkeypatch):
+    import bnfold
+    from bnfold import numerics
+
+    real = numerics.fold_conv
+    monkeypatch.setattr(numerics, "fold_conv", lambda w, s: real(w, s) * 1.01)
+    result = bnfold.fold(SAMPLES / "cnn2d.onnx", tmp_path / "f.onnx")
+    assert repr(result).startswith("FoldResult: FAILED, 2/2 folded, max abs err ")
+    assert repr(result).endswith("verification failed, not written")
+    assert repr(result.verification).startswith("VerificationResult: FAILED, 1/1 outputs differ")
+
+
+@pytest.mark.torch
+def test_module_fold_result_repr(tmp_path):
+    import bnfold.torch
+
+    torch, _, x = _torch_net()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    result = bnfold.torch.fold_module(net, (x,))
+    assert repr(result).startswith("ModuleFoldResult: PASSED, 1/1 folded, max abs err ")
+    assert len(repr(result)) < 120

@@ -261,6 +261,14 @@ class BenchResult:
 
         return bench_markdown(self)
 
+    def __repr__(self) -> str:
+        from bnfold.render import summary
+
+        return summary.one_line("BenchResult", summary.bench(self))
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
     @property
     def confidence(self) -> float:
         return self.ratios[0].confidence if self.ratios else CONFIDENCE

@@ -100,6 +100,14 @@ class ModuleFoldResult:
     def __bool__(self) -> bool:
         return self.report.passed
 
+    def __repr__(self) -> str:
+        from bnfold.render import summary
+
+        return summary.one_line("ModuleFoldResult", summary.fold_report(self.report))
+
+    def _repr_markdown_(self) -> str:
+        return self.report.to_markdown()
+
 
 @warnings_to_log
 def fold_module(
