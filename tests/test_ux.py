@@ -499,3 +499,20 @@ def test_module_fold_result_repr(tmp_path):
     result = bnfold.torch.fold_module(net, (x,))
     assert repr(result).startswith("ModuleFoldResult: PASSED, 1/1 folded, max abs err ")
     assert len(repr(result)) < 120
+
+
+def test_quiet_check_and_verify_name_what_failed(tmp_path):
+    model = tmp_path / "cnn2d.onnx"
+    shutil.copy(SAMPLES / "cnn2d.onnx", model)
+    checked = invoke("check", model, "-q")
+    assert checked.exit_code == 1
+    lines = checked.output.strip().splitlines()
+    assert lines[-1] == "FAILED" and len(lines) == 2
+    assert "2 foldable BatchNorm(s) left (/1/BatchNormalization, /4/BatchNormalization)" in lines[0]
+    assert f"to fix: bnfold fold --in-place {model}" in lines[0]
+    other = tmp_path / "plain.onnx"
+    _no_bn_model(other)
+    verified = invoke("verify", model, other, "-q")
+    assert verified.exit_code == 1
+    lines = verified.output.strip().splitlines()
+    assert lines[-1] == "FAILED" and len(lines) == 2 and "verification failed" in lines[0]

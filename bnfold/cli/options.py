@@ -120,7 +120,12 @@ JsonOpt = Annotated[
 ]
 
 QuietOpt = Annotated[
-    bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")
+    bool,
+    typer.Option(
+        "-q",
+        "--quiet",
+        help="No tables: one line per failure (what failed and why), then PASSED or FAILED.",
+    ),
 ]
 
 # --- bnfold fold (and inspect: the fold pass's own options) ------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "batch_progress_line",
+    "check_failure_lines",
     "failure_lines",
     "make_console",
     "render",
@@ -387,6 +388,29 @@ def failure_lines(report: dict[str, Any], error: str | None = None) -> list[str]
                     f"{where}: --strict: BatchNormalization {inert(b['name'])} kept "
                     f"({b['reason']}: {inert(b['detail'])})"
                 )
+    return lines
+
+
+def check_failure_lines(results: list[CheckResult], allow: int = 0) -> list[str]:
+    """``bnfold check -q``: one line per model that fails the gate, with why and the fix."""
+    lines = []
+    for r in results:
+        if r.exit_code == 0:
+            continue
+        where = inert(r.path)
+        if r.error:
+            text = inert(r.error)
+            lines.append(text if text.startswith(where) else f"{where}: error: {text}")
+            continue
+        if len(r.foldable) > allow:
+            names = ", ".join(inert(d["name"]) for d in r.foldable[:5])
+            more = f" and {len(r.foldable) - 5} more" if len(r.foldable) > 5 else ""
+            lines.append(
+                f"{where}: {len(r.foldable)} foldable BatchNorm(s) left ({names}{more}); "
+                f"to fix: bnfold fold --in-place {where}"
+            )
+        if r.verification is not None:
+            lines += failure_lines({"input": r.path, "verification": r.verification.to_dict()})
     return lines
 
 

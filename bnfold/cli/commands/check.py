@@ -109,5 +109,10 @@ def _show(results: list, allow: int, console, json_out, markdown, quiet: bool) -
         write_markdown(check_markdown(results), markdown)
     if not quiet:
         render_check(results, console)
+    else:
+        from bnfold.render.console import check_failure_lines
+
+        for line in check_failure_lines(results, allow):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print("[bold green]PASSED[/]" if exit_code == 0 else "[bold red]FAILED[/]")
     raise typer.Exit(exit_code)

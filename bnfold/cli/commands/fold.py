@@ -98,7 +98,7 @@ def fold(
     single = len(inputs) == 1 and output_dir is None and not models[0].is_dir()
     if output is not None and not single:
         raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
-    if output is not None and output.suffix.lower() != ".onnx":
+    if output is not None and not output.is_dir() and output.suffix.lower() != ".onnx":
         raise UsageError(
             f"-o {output}: the folded model is an ONNX file; give a name ending in .onnx "
             "(--json/--markdown write the report)"

@@ -119,5 +119,10 @@ def verify(
             from bnfold.render.console import render_localize
 
             render_localize(located, console)
+    elif not passed:
+        from bnfold.render.console import failure_lines
+
+        for line in failure_lines({"input": str(candidate), "verification": result.to_dict()}):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print("[bold green]PASSED[/]" if passed else "[bold red]FAILED[/]")
     raise typer.Exit(EXIT_OK if passed else EXIT_FAILED)
