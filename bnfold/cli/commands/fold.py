@@ -71,7 +71,7 @@ def fold(
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL(s) and write the folded model(s).
 
-    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
+    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original (skip that with --no-verify) and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
 
     Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error. With several models: the worst of them.
     """
@@ -99,10 +99,7 @@ def fold(
     if output is not None and not single:
         raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
     if output is not None and not output.is_dir() and output.suffix.lower() != ".onnx":
-        raise UsageError(
-            f"-o {output}: the folded model is an ONNX file; give a name ending in .onnx "
-            "(--json/--markdown write the report)"
-        )
+        _refuse_output_name(inputs[0][0], output)
     console = console_for(json_out == "-")
     out = _Output(console, json_out, markdown, verbose, quiet)
     if in_place:
@@ -111,6 +108,22 @@ def fold(
         model = inputs[0][0]
         _fold_one(model, output if output is not None else default_output(model), options, out)
     _fold_batch(_batch_tasks(inputs, output_dir), jobs, options, out)
+
+
+def _refuse_output_name(model: Path, output: Path) -> None:
+    """``-o out.txt``: refused, after the path checks that name a worse mistake (the input itself,
+    or its external data)."""
+    from bnfold import io as _io
+    from bnfold.batch import is_torch_input
+    from bnfold.errors import UsageError
+
+    if output.exists() and model.is_file() and not is_torch_input(model):
+        protected = _io.external_data_files(_io.load(model))
+        _io.check_output_path(output, input_path=model, protected=protected)
+    raise UsageError(
+        f"-o {output}: the folded model is an ONNX file; give a name ending in .onnx "
+        "(--json/--markdown write the report)"
+    )
 
 
 def _batch_tasks(
