@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "fold",
+    "fold_in_place",
     "fold_model",
     "FoldResult",
     "FoldOptions",
@@ -42,6 +43,7 @@ __all__ = [
 
 _LAZY = {
     "fold": ("bnfold.api", "fold"),
+    "fold_in_place": ("bnfold.api", "fold_in_place"),
     "fold_model": ("bnfold.api", "fold_model"),
     "FoldResult": ("bnfold.api", "FoldResult"),
     "FoldOptions": ("bnfold.options", "FoldOptions"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FoldOptions", "FoldResult", "fold", "fold_model", "fold_with"]
+__all__ = ["FoldOptions", "FoldResult", "fold", "fold_in_place", "fold_model", "fold_with"]
 
 import logging
 import os
@@ -52,6 +52,14 @@ class FoldResult:
 
     def __bool__(self) -> bool:
         return self.report.passed
+
+    def __repr__(self) -> str:
+        from .render import summary
+
+        return summary.one_line("FoldResult", summary.fold_report(self.report))
+
+    def _repr_markdown_(self) -> str:
+        return self.report.to_markdown()
 
 
 def fold_model(
@@ -132,18 +140,55 @@ def fold(
     return fold_with(model, output, opts, progress=progress)
 
 
+def fold_in_place(
+    model: str | os.PathLike,
+    options: FoldOptions | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    **keywords: Any,
+) -> FoldResult:
+    """Fold the ONNX file ``model`` and replace it with the folded model (``bnfold fold --in-place``,
+    the ``bnfold-fold`` pre-commit hook).
+
+    The folded model is written beside the input, verified against it, and only when that passed
+    moves over it in one atomic rename, its external data first under a fresh name; the data
+    files in bnfold's naming (``MODEL.data``, ``MODEL.<8 hex>.data``) that the old model read are
+    removed afterwards. When verification fails, or nothing folded (no BatchNormalization, or all
+    of them kept), the file is left exactly as it was. ``options``/``keywords`` are those of
+    :func:`fold`; ``verify=False`` and ``bench`` are refused (in place, verification is what
+    guards the input, and there is no second file to time against).
+    """
+    opts = FoldOptions.from_keywords(options, **keywords)
+    if not opts.verify:
+        raise UsageError(
+            "in-place folding replaces the input only after verification passed; "
+            "it cannot run without verification (--no-verify)"
+        )
+    if opts.bench:
+        raise UsageError("--bench times the input against the output; in place they are one file")
+    kind, path = _kind_of(model)
+    if kind != "path":
+        raise UsageError("fold_in_place takes the path of an ONNX file")
+    return fold_with(path, path, opts, progress=progress, in_place=True)
+
+
 def fold_with(
     model: str | os.PathLike | Any,
     output: str | os.PathLike | None,
     options: FoldOptions,
     *,
     progress: ProgressFn | None = None,
+    in_place: bool = False,
 ) -> FoldResult:
     """:func:`fold` with its options as one :class:`FoldOptions`; the phases, in order."""
     options.refuse(("opset",), "bnfold.fold", "it applies to PyTorch inputs only")
-    job = _load(model, output, options)
+    if progress:
+        progress("load", 0, 1)
+    job = _load(model, output, options, in_place=in_place)
     try:
         _keep_reference(job, model)
+        if progress:
+            progress("fold", 0, 1)
         report = _run_pass(job)
         _write_and_verify(job, report, progress)
         _bench(job, report, progress)
@@ -169,9 +214,12 @@ class _Job:
     reference: str | None = None  # the original as a file, for verification
     use_external: bool = False
     staged: _io.StagedOutput | None = None
+    in_place: bool = False  # the output replaces the input (fold_in_place)
 
 
-def _load(model: Any, output: str | os.PathLike | None, options: FoldOptions) -> _Job:
+def _load(
+    model: Any, output: str | os.PathLike | None, options: FoldOptions, *, in_place: bool = False
+) -> _Job:
     """Load the model (a path, a ModelProto or an onnx_ir.Model) and check the output path."""
     kind, input_path = _kind_of(model)
     if options.bench and (kind != "path" or not output):
@@ -188,12 +236,13 @@ def _load(model: Any, output: str | os.PathLike | None, options: FoldOptions) ->
     else:
         ir_model = model
         protected = _io.external_data_files(ir_model)
-    out_path = (
-        _io.check_output_path(output, input_path=input_path, protected=protected)
-        if output
-        else None
-    )
-    job = _Job(options, kind, input_path, ir_model, protected, out_path)
+    if in_place:  # the output is the input, on purpose: only the usual folder checks
+        out_path = _io.check_output_path(output, input_path=None)
+    elif output:
+        out_path = _io.check_output_path(output, input_path=input_path, protected=protected)
+    else:
+        out_path = None
+    job = _Job(options, kind, input_path, ir_model, protected, out_path, in_place=in_place)
     job.timings["load"] = time.perf_counter() - t0
     return job
 
@@ -245,14 +294,21 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
     verify = job.options.verify
     if job.out_path is None and not verify:
         return
+    if job.in_place and not any(d.folded or d.direction == "lowered" for d in report.decisions):
+        report.verification = _nothing_to_verify(job, IN_PLACE_UNCHANGED)
+        return
     target = job.out_path
     if target is None:
         if job.work is None:
             job.work = Path(tempfile.mkdtemp(prefix="bnfold-"))
         target = job.work / "folded.onnx"
     t2 = time.perf_counter()
+    if progress:
+        progress("save", 0, 1)
     inputs = {job.input_path} if job.input_path else set()
-    staged = _io.StagedOutput(target, protected=job.protected | inputs)
+    # In place, the input and the bnfold-named data files it read are what the commit replaces.
+    protected = set() if job.in_place else job.protected | inputs
+    staged = _io.StagedOutput(target, protected=protected)
     try:
         staged.write(
             job.ir_model,
@@ -260,7 +316,9 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
             progress=(lambda d, n: progress("save", d, n)) if progress else None,
         )
         job.timings["save"] = time.perf_counter() - t2
-        if verify:
+        if verify and not report.decisions:
+            report.verification = _nothing_to_verify(job, NOTHING_FOLDED)
+        elif verify:
             report.verification = _verify(job, str(staged.path), progress)
         if job.out_path is not None and not report.verification_failed:
             staged.commit()
@@ -268,6 +326,20 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
     finally:
         if not staged.committed:
             staged.discard()
+
+
+NOTHING_FOLDED = (
+    "no BatchNormalization was found, so the output is the input model unchanged and there is "
+    "nothing to compare"
+)
+IN_PLACE_UNCHANGED = "nothing was folded, so the file is left exactly as it was"
+
+
+def _nothing_to_verify(job: _Job, why: str):  # noqa: ANN202 - bnfold.compare.VerificationResult
+    """Nothing changed: say so instead of spending a verification on an identical copy."""
+    from .compare import VerificationResult
+
+    return VerificationResult(passed=False, seed=job.options.seed, skipped_reason=why)
 
 
 def _verify(job: _Job, candidate: str, progress: ProgressFn | None):  # noqa: ANN202

@@ -9,6 +9,7 @@ its own entry, and the batch's exit code is the worst of them (2 bad input > 1 f
 from __future__ import annotations
 
 __all__ = [
+    "as_onnx",
     "fold_any",
     "is_torch_input",
     "BatchItem",
@@ -19,9 +20,10 @@ __all__ = [
     "check_model",
 ]
 
+import contextlib
 import glob
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,16 @@ class BatchResult:
     def passed(self) -> bool:
         return self.exit_code == 0
 
+    def __repr__(self) -> str:
+        from .render import summary
+
+        return summary.one_line("BatchResult", summary.batch(self))
+
+    def _repr_markdown_(self) -> str:
+        from .render.markdown import batch_markdown
+
+        return batch_markdown(self)
+
     def __bool__(self) -> bool:
         return self.passed
 
@@ -159,6 +171,21 @@ def fold_any(
     return fold_with(model, output, opts.replace(trust_pickle=False, opset=17), progress=progress)
 
 
+def as_onnx(
+    path: str | os.PathLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    trust_pickle: bool = False,
+) -> contextlib.AbstractContextManager[str | os.PathLike]:
+    """``path`` itself for an ONNX file; for a PyTorch file, a temporary ONNX export of it (as
+    ``bnfold fold`` exports it, every BatchNorm kept), removed when the context ends."""
+    if not is_torch_input(path):
+        return contextlib.nullcontext(path)
+    from .torch.files import torch_file_as_onnx
+
+    return torch_file_as_onnx(path, input_shapes=input_shapes, trust_pickle=trust_pickle)
+
+
 def _fold_one(task: tuple[str, str | None, FoldOptions, frozenset[Path]]) -> BatchItem:
     """Worker: fold one model; never raises for the user's errors (they become the item's error).
 
@@ -188,8 +215,11 @@ def fold_many(
     jobs: int = 1,
     options: FoldOptions | None = None,
     on_done: Callable[[BatchItem, int, int], None] | None = None,
+    on_running: Callable[[list[str]], None] | None = None,
 ) -> BatchResult:
-    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``.
+    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``
+    after each model, ``on_running(inputs)`` with the models in flight whenever that changes
+    (workers take models in order, so these are the first ``jobs`` unfinished ones).
 
     Every model gets the same ``options`` (a frozen, picklable :class:`FoldOptions`)."""
     import time
@@ -208,6 +238,8 @@ def fold_many(
     items: list[BatchItem | None] = [None] * len(work)
     if jobs <= 1 or len(work) <= 1:
         for k, task in enumerate(work):
+            if on_running:
+                on_running([task[0]])
             items[k] = _fold_one(task)
             if on_done:
                 on_done(items[k], k + 1, len(work))
@@ -219,8 +251,14 @@ def fold_many(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = {pool.submit(_fold_one, task): k for k, task in enumerate(work)}
+            unfinished = list(range(len(work)))
+            if on_running:
+                on_running([work[i][0] for i in unfinished[:jobs]])
             for done, future in enumerate(as_completed(futures), start=1):
                 k = futures[future]
+                unfinished.remove(k)
+                if on_running and unfinished:
+                    on_running([work[i][0] for i in unfinished[:jobs]])
                 try:
                     items[k] = future.result()
                 except (
@@ -272,20 +310,24 @@ def check_model(
     allow_nodes: Sequence[str] = (),
     against: str | os.PathLike | None = None,
     verify_options: dict[str, Any] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    trust_pickle: bool = False,
 ) -> CheckResult:
     """Read-only gate: fold a copy in memory (nothing is written) and list the BNs that folded.
 
     It passes while at most ``allow`` foldable BNs remain (besides those in ``allow_nodes``). With
     ``against`` (the original model), also verify ``path`` against it under ONNX Runtime; a
-    failed verification fails the check whatever ``allow`` says.
+    failed verification fails the check whatever ``allow`` says. A PyTorch file is exported as
+    ``bnfold fold`` exports it (``input_shapes``, ``trust_pickle`` as there) and that is checked.
     """
     from . import io as _io
     from .api import fold_model
 
     result = CheckResult(path=str(path))
     try:
-        model = _io.load(path)
-        decisions = fold_model(model)  # in memory only; folded weights stay lazy, never computed
+        with as_onnx(path, input_shapes=input_shapes, trust_pickle=trust_pickle) as onnx_path:
+            model = _io.load(onnx_path)
+            decisions = fold_model(model)  # in memory only; folded weights stay lazy
     except BnfoldError as exc:
         result.error, result.exit_code = str(exc), exc.exit_code
         return result

@@ -188,6 +188,16 @@ class LocalizeResult:
     def __bool__(self) -> bool:
         return self.divergence is not None
 
+    def __repr__(self) -> str:
+        from bnfold.render import summary
+
+        return summary.one_line("LocalizeResult", summary.localize(self))
+
+    def _repr_markdown_(self) -> str:
+        from bnfold.render.text import md_inert
+
+        return md_inert(self.describe(), line_start=True)
+
     def describe(self) -> str:
         """One line: the divergence, or why there is none."""
         if self.divergence is not None:

@@ -152,6 +152,21 @@ class FoldReport:
     def exit_code(self) -> int:
         return 0 if self.passed else 1
 
+    def __repr__(self) -> str:
+        from bnfold.render import summary
+
+        return summary.one_line("FoldReport", summary.fold_report(self))
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured Markdown summary (as ``bnfold fold --markdown`` writes): the model's
+        row, then every kept BN with its reason."""
+        from bnfold.render import summary
+
+        return summary.fold_markdown(self)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
 

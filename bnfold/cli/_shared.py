@@ -123,46 +123,86 @@ def summary_env() -> bool:
     return bool(os.environ.get("GITHUB_STEP_SUMMARY"))
 
 
-class Progress:
-    """A rich progress bar for the phases of a long fold; silent when not on a terminal."""
+def _size(path: Path) -> str:
+    """``"12.3 MB"``: the file and the external data beside it that it names, roughly."""
+    try:
+        n = path.stat().st_size
+    except OSError:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return "?"  # pragma: no cover
 
-    def __init__(self, console, enabled: bool) -> None:
+
+class Progress:
+    """Phases of one fold on a terminal: loading (with the file's size), folding, writing (tensors
+    written / total), verifying, timing; each phase shows its elapsed time. Silent when not on a
+    terminal. A PyTorch input shows one phase: exporting, folding and verifying run in torch."""
+
+    _LABELS = {
+        "load": "loading {model} ({size})",
+        "fold": "folding {model}",
+        "save": "writing {output}",
+        "verify": "verifying {output} against {model} (ONNX Runtime)",
+        "bench": "timing original and folded",
+    }
+
+    def __init__(
+        self, console, enabled: bool, model: Path | None = None, output: Path | None = None
+    ) -> None:
         self.console = console
         self.enabled = enabled and console.is_terminal
         self._bar = None
         self._tasks: dict[str, int] = {}
+        self._names = {"model": "model", "output": "output", "size": "?"}
+        if model is not None:
+            from bnfold.render.text import inert_markup
+
+            self._names["model"] = inert_markup(model.name)
+            self._names["size"] = _size(model)
+        if output is not None:
+            from bnfold.render.text import inert_markup
+
+            self._names["output"] = inert_markup(output.name)
+        self._model = model
 
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[count]}"),
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
         )
         self._bar.__enter__()
+        from bnfold.batch import is_torch_input
+
+        if self._model is not None:
+            self.update("torch" if is_torch_input(self._model) else "load", 0, 1)
         return self.update
 
     def update(self, phase: str, done: int, total: int) -> None:
         if self._bar is None:
             return
-        label = {"save": "writing tensors", "verify": "verifying", "bench": "timing"}.get(
-            phase, phase
-        )
         if phase not in self._tasks:
-            self._tasks[phase] = self._bar.add_task(label, total=total)
-        self._bar.update(self._tasks[phase], completed=done, total=total)
+            for other in self._tasks.values():  # a new phase: the earlier ones are over
+                self._bar.update(other, completed=self._bar.tasks[other].total)
+            template = self._LABELS.get(phase, "exporting, folding and verifying {model} ({size})")
+            label = (
+                template.format(**self._names)
+                if phase in self._LABELS or phase == "torch"
+                else phase
+            )
+            self._tasks[phase] = self._bar.add_task(label, total=total, count="")
+        count = "" if total <= 1 else f"{done}/{total}" + (" tensors" if phase == "save" else "")
+        self._bar.update(self._tasks[phase], completed=done, total=total, count=count)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

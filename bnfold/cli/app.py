@@ -17,6 +17,7 @@ import typer
 
 from bnfold import __version__
 
+from ._help import BnfoldCommand, BnfoldGroup
 from .commands import bench, check, fold, inspect, verify
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -28,7 +29,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
+    cls=BnfoldGroup,
 )
 
 
@@ -94,7 +96,7 @@ def _root(
 
 
 for _command in (fold.fold, inspect.inspect, check.check, verify.verify, bench.bench):
-    app.command()(_guard(_command))
+    app.command(cls=BnfoldCommand)(_guard(_command))
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ AtolOpt = Annotated[
     float | None,
     typer.Option(
         "--atol",
+        metavar="X",
         min=0.0,
         envvar="BNFOLD_ATOL",
         help="Absolute tolerance (default: by output dtype).",
@@ -34,6 +35,7 @@ RtolOpt = Annotated[
     float | None,
     typer.Option(
         "--rtol",
+        metavar="X",
         min=0.0,
         envvar="BNFOLD_RTOL",
         help="Relative tolerance (default: by output dtype).",
@@ -41,13 +43,42 @@ RtolOpt = Annotated[
 ]
 SeedOpt = Annotated[
     int,
-    typer.Option("--seed", envvar="BNFOLD_SEED", help="Seed of the random verification inputs."),
+    typer.Option(
+        "--seed", metavar="N", envvar="BNFOLD_SEED", help="Seed of the random verification inputs."
+    ),
+]
+BenchInputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        metavar="NAME=D0,D1,...",
+        envvar="BNFOLD_INPUT_SHAPE",
+        help="Shape of an input with dynamic dimensions to time at, e.g. input=8,3,224,224. "
+        "Repeatable. Dynamic dimensions not given default to 1 (see --batch-size).",
+    ),
+]
+BenchSeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        metavar="N",
+        envvar="BNFOLD_SEED",
+        help="Seed of the random inputs the models are timed on.",
+    ),
 ]
 SamplesOpt = Annotated[
-    int, typer.Option("--samples", min=1, help="Number of seeded input batches to compare.")
+    int,
+    typer.Option(
+        "--samples", metavar="N", min=1, help="Number of seeded input batches to compare."
+    ),
 ]
 DistOpt = Annotated[
-    str, typer.Option("--dist", help="Distribution of random float inputs: normal or uniform.")
+    str,
+    typer.Option(
+        "--dist",
+        metavar="normal|uniform",
+        help="Distribution of random float inputs: normal or uniform.",
+    ),
 ]
 RangeOpt = Annotated[
     str | None,
@@ -70,13 +101,14 @@ MarkdownOpt = Annotated[
     typer.Option(
         "--markdown",
         metavar="FILE",
-        help="Also write the result as Markdown (e.g. $GITHUB_STEP_SUMMARY).",
+        help="Also write the result as Markdown (also appended to $GITHUB_STEP_SUMMARY when set).",
     ),
 ]
 LevelsOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--level",
+        metavar="LEVEL",
         help="ORT graph-optimization level to time: disable, basic, extended, all. Repeatable (default: disable and all).",
     ),
 ]
@@ -88,7 +120,12 @@ JsonOpt = Annotated[
 ]
 
 QuietOpt = Annotated[
-    bool, typer.Option("-q", "--quiet", help="Print only the final PASSED/FAILED line.")
+    bool,
+    typer.Option(
+        "-q",
+        "--quiet",
+        help="No tables: one line per failure (what failed and why), then PASSED or FAILED.",
+    ),
 ]
 
 # --- bnfold fold (and inspect: the fold pass's own options) ------------------------------------------
@@ -97,6 +134,7 @@ OutputOpt = Annotated[
     typer.Option(
         "-o",
         "--output",
+        metavar="OUT",
         help="Where to write the folded model (one input only; default: MODEL.folded.onnx next to MODEL).",
     ),
 ]
@@ -105,14 +143,29 @@ OutputDirOpt = Annotated[
     typer.Option(
         "-O",
         "--output-dir",
+        metavar="OUTDIR",
         envvar="BNFOLD_OUTPUT_DIR",
         help="Write every folded model here, mirroring the inputs' relative layout (external data included).",
+    ),
+]
+InPlaceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--in-place",
+        help="Replace each ONNX MODEL with its folded model, only after verification passed "
+        "(atomic, external data included); a model where nothing folds is left untouched. "
+        "For pre-commit: the bnfold-fold hook.",
     ),
 ]
 JobsOpt = Annotated[
     int,
     typer.Option(
-        "-j", "--jobs", min=1, envvar="BNFOLD_JOBS", help="Worker processes for several models."
+        "-j",
+        "--jobs",
+        metavar="N",
+        min=1,
+        envvar="BNFOLD_JOBS",
+        help="Worker processes for several models.",
     ),
 ]
 VerifyOpt = Annotated[
@@ -179,6 +232,7 @@ AllowOpt = Annotated[
     int,
     typer.Option(
         "--allow",
+        metavar="N",
         min=0,
         envvar="BNFOLD_ALLOW",
         help="Pass while at most N foldable BatchNorms remain per model.",
@@ -219,23 +273,28 @@ LocalizeOpt = Annotated[
 # --- bnfold bench -------------------------------------------------------------------------------
 RunsOpt = Annotated[
     int | None,
-    typer.Option("--runs", min=1, help="Timed runs per model per level (default 200)."),
+    typer.Option(
+        "--runs", metavar="N", min=1, help="Timed runs per model per level (default 200)."
+    ),
 ]
 SecondsOpt = Annotated[
     float | None,
     typer.Option(
         "--seconds",
+        metavar="S",
         min=0.01,
         help="Time budget of the timed runs per level, all models together.",
     ),
 ]
 WarmupOpt = Annotated[
-    int, typer.Option("--warmup", min=0, help="Untimed runs per model per level first.")
+    int,
+    typer.Option("--warmup", metavar="N", min=0, help="Untimed runs per model per level first."),
 ]
 ThreadsOpt = Annotated[
     int,
     typer.Option(
         "--threads",
+        metavar="N",
         min=0,
         help="ORT intra-op threads (0: ORT's default). 1 gives the most repeatable numbers.",
     ),
@@ -244,6 +303,7 @@ BatchSizeOpt = Annotated[
     int | None,
     typer.Option(
         "--batch-size",
+        metavar="N",
         min=1,
         help="First dimension of inputs whose batch dimension is dynamic.",
     ),
@@ -251,7 +311,9 @@ BatchSizeOpt = Annotated[
 ProviderOpt = Annotated[
     str,
     typer.Option(
-        "--provider", help="Execution provider: cpu, cuda, tensorrt or an ORT provider name."
+        "--provider",
+        metavar="NAME",
+        help="Execution provider: cpu, cuda, tensorrt or an ORT provider name.",
     ),
 ]
 PlotOpt = Annotated[
@@ -259,6 +321,6 @@ PlotOpt = Annotated[
     typer.Option(
         "--plot",
         metavar="FILE.png",
-        help="Draw the latency distributions (needs matplotlib: pip install 'bnfold[plot]').",
+        help="Draw the latency distributions (needs matplotlib: pip install matplotlib, or pip install '.[plot]' in a bnfold checkout).",
     ),
 ]

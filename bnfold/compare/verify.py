@@ -46,6 +46,16 @@ class VerificationResult:
     def __bool__(self) -> bool:
         return self.passed
 
+    def __repr__(self) -> str:
+        from bnfold.render import summary
+
+        return summary.one_line("VerificationResult", summary.verification(self))
+
+    def _repr_markdown_(self) -> str:
+        from bnfold.render.markdown import verification_markdown
+
+        return verification_markdown(self, "reference", "candidate")
+
     @property
     def failed_outputs(self) -> tuple[OutputComparison, ...]:
         return tuple(o for o in self.outputs if not o.passed)

@@ -17,11 +17,11 @@ from bnfold.render.text import inert
 from .results import (
     DEFAULT_LEVELS,
     DEFAULT_RUNS,
-    LEVEL_NOTE,
     BenchResult,
     LatencyStats,
     ModelBench,
     Ratio,
+    level_note,
 )
 from .schedule import ProgressFn, _Level, _Plan, measure_level
 from .sessions import _check_int, _labels, _source, _warm_up_runtime
@@ -112,7 +112,7 @@ def bench(
         levels=plan.levels,
         threads=plan.threads or 0,
         provider=plan.providers[0],
-        note=LEVEL_NOTE,
+        note=level_note(plan.sources),
         models=tuple(plan.names),
         input_shapes={k: tuple(int(d) for d in v.shape) for k, v in (plan.feeds or {}).items()},
         warmup=plan.warmup,

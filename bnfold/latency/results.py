@@ -24,6 +24,42 @@ LEVEL_NOTE = (
     "fuse at load)."
 )
 
+NO_CONV_BN_NOTE = (
+    "ONNX Runtime fuses BatchNormalization into a preceding Conv by itself (from level 'basic'); "
+    "these models hold no Conv followed by a BatchNormalization (e.g. Gemm+BN, which it does not "
+    "fuse), so a difference between them can show at every level."
+)
+NO_BN_NOTE = (
+    "None of these models holds a BatchNormalization: the levels differ only by ONNX Runtime's "
+    "other graph optimizations."
+)
+
+
+def level_note(sources: Sequence[str | bytes]) -> str:
+    """The note on optimization levels that fits these models: Conv+BN fusion is mentioned only
+    when some model has a Conv feeding a BatchNormalization (the one pattern ONNX Runtime fuses
+    itself). Models given as bytes, or that do not load, get the general note."""
+    from bnfold import io as _io
+    from bnfold.errors import BnfoldError
+
+    seen_bn = conv_bn = False
+    for source in sources:
+        if not isinstance(source, str):
+            return LEVEL_NOTE
+        try:
+            graph = _io.load(source).graph
+        except BnfoldError:
+            return LEVEL_NOTE
+        for node in graph:
+            if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+                continue
+            seen_bn = True
+            producer = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
+            conv_bn = conv_bn or (producer is not None and producer.op_type == "Conv")
+    if conv_bn:
+        return LEVEL_NOTE
+    return NO_CONV_BN_NOTE if seen_bn else NO_BN_NOTE
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -224,6 +260,14 @@ class BenchResult:
         from bnfold.render.markdown import bench_markdown
 
         return bench_markdown(self)
+
+    def __repr__(self) -> str:
+        from bnfold.render import summary
+
+        return summary.one_line("BenchResult", summary.bench(self))
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
 
     @property
     def confidence(self) -> float:

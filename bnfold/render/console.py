@@ -10,6 +10,8 @@ from __future__ import annotations
 
 __all__ = [
     "batch_progress_line",
+    "check_failure_lines",
+    "failure_lines",
     "make_console",
     "render",
     "render_batch",
@@ -53,6 +55,16 @@ def make_console(*, stderr: bool = False) -> Console:
             stderr=stderr, highlight=False, emoji=False, width=_PLAIN_WIDTH, soft_wrap=True
         )
     return console
+
+
+NO_BATCHNORM_HINT = (
+    "No BatchNormalization in the model: nothing to fold.",
+    "This is common for models exported from PyTorch: both torch.onnx exporters fold Conv+BN in "
+    "eval mode by default (checked with torch 2.13: dynamo=False through do_constant_folding=True, "
+    "dynamo=True as well), so the BNs are already gone.",
+    "To see and check each BN, give bnfold the PyTorch model instead: 'bnfold fold model.pt2' "
+    "(torch.export.save), or bnfold.torch.export(model, example_inputs, 'model.onnx') in Python.",
+)
 
 
 def _fmt_err(x: float | None) -> str:
@@ -152,10 +164,10 @@ def render(
             _line(
                 console,
                 _join(
-                    _styled("Not written:", "red"),
+                    _styled("Not written:", "red" if report.verification_failed else "yellow"),
                     " ",
                     inert_text(report.output),
-                    " (verification failed)",
+                    " (verification failed)" if report.verification_failed else " (unchanged)",
                 ),
             )
     if report.passed:
@@ -171,7 +183,9 @@ def render(
 
 def _render_decisions(report: FoldReport, console: Console, *, verbose: bool) -> None:
     if not report.decisions:
-        _line(console, "No BatchNormalization nodes in the model.")
+        _line(console, _join("bnfold: ", inert_text(report.input or "model")))
+        for line in NO_BATCHNORM_HINT:
+            _line(console, line)
         return
     table = _table(
         _join("bnfold: ", inert_text(report.input or "model")),
@@ -228,7 +242,9 @@ def render_verification(
             inert_text(title)
             if title
             else "Verification (ONNX Runtime, CPU, optimizations disabled)",
-            ("output", "dtype", "max abs", "max rel", "atol", "rtol", "result"),
+            # An element passes when |cand - ref| <= atol + rtol*|ref|; "atol needed" is the
+            # smallest atol that rule needs at this rtol, so a row passes iff atol needed <= atol.
+            ("output", "dtype", "max abs", "atol needed", "atol", "rtol", "result"),
         )
         for o in v.outputs:
             result = (
@@ -240,7 +256,7 @@ def render_verification(
                 inert_text(o.name),
                 inert_text(o.dtype),
                 _fmt_err(o.max_abs_error),
-                _fmt_err(o.max_rel_error),
+                _fmt_err(o.min_atol_to_pass),
                 f"{o.atol:g}",
                 f"{o.rtol:g}",
                 result,
@@ -345,16 +361,74 @@ def batch_progress_line(item: BatchItem, done: int, total: int) -> str:
     return line + (f" ({inert(item.error)})" if item.error else "")
 
 
+def failure_lines(report: dict[str, Any], error: str | None = None) -> list[str]:
+    """Why one model failed, one plain line per cause (for ``-q``, which drops the tables but
+    never the reasons). ``report`` is a FoldReport's JSON form (or ``{"input": ...}`` with
+    ``error``); every model-controlled string is inert."""
+    where = inert(report.get("input") or "model")
+    if error is not None:
+        text = inert(error)
+        return [text if text.startswith(where) else f"{where}: error: {text}"]
+    lines = []
+    v = report.get("verification") or {}
+    if v and not v.get("passed") and not v.get("skipped_reason"):
+        for o in v.get("outputs", []):
+            if o.get("passed"):
+                continue
+            why = o.get("message") or (
+                f"max abs error {_fmt_err(o.get('max_abs_error'))}, "
+                f"{o.get('mismatched')} element(s) outside atol {o['atol']:g} + rtol {o['rtol']:g}·|ref|"
+            )
+            lines.append(f"{where}: verification failed: {inert(o['name'])}: {inert(why)}")
+        if v.get("message"):
+            lines.append(f"{where}: verification failed: {inert(v['message'])}")
+        if not lines:
+            lines.append(f"{where}: verification failed")
+    if report.get("strict"):
+        for b in report.get("batchnorms", []):
+            if b["status"] == "kept":
+                lines.append(
+                    f"{where}: --strict: BatchNormalization {inert(b['name'])} kept "
+                    f"({b['reason']}: {inert(b['detail'])})"
+                )
+    return lines
+
+
+def check_failure_lines(results: list[CheckResult], allow: int = 0) -> list[str]:
+    """``bnfold check -q``: one line per model that fails the gate, with why and the fix."""
+    lines = []
+    for r in results:
+        if r.exit_code == 0:
+            continue
+        where = inert(r.path)
+        if r.error:
+            text = inert(r.error)
+            lines.append(text if text.startswith(where) else f"{where}: error: {text}")
+            continue
+        if len(r.foldable) > allow:
+            names = ", ".join(inert(d["name"]) for d in r.foldable[:5])
+            more = f" and {len(r.foldable) - 5} more" if len(r.foldable) > 5 else ""
+            lines.append(
+                f"{where}: {len(r.foldable)} foldable BatchNorm(s) left ({names}{more}); "
+                f"to fix: bnfold fold --in-place {where}"
+            )
+        if r.verification is not None:
+            lines += failure_lines({"input": r.path, "verification": r.verification.to_dict()})
+    return lines
+
+
 def render_batch(result: BatchResult, console: Console) -> None:
     """Summary table of a batch fold, then a final PASSED/FAILED line."""
     t = _table(
         f"bnfold fold: {len(result.items)} models, {result.jobs} job(s), {result.seconds:.1f}s",
         ("model", "BN", "folded", "kept (reasons)", "max abs error", "output", "result"),
     )
+    errors = []
     for item in result.items:
         if item.error is not None or item.report is None:
-            error = _join(_styled("error", "red"), " ", inert_text(item.error or ""))
-            t.add_row(inert_text(item.input), "", "", "", "", "-", error)
+            # The error is printed in full below the table: a table cell would wrap it over lines.
+            errors.append(item)
+            t.add_row(inert_text(item.input), "", "", "", "", "-", _styled("error", "red"))
             continue
         m = item.report
         kept = [b for b in m["batchnorms"] if b["status"] == "kept"]
@@ -368,6 +442,9 @@ def render_batch(result: BatchResult, console: Console) -> None:
             _styled("PASSED", "green") if item.exit_code == 0 else _styled("FAILED", "red"),
         )
     _emit(console, t)
+    for item in errors:
+        for line in failure_lines(item.report or {"input": item.input}, item.error or "failed"):
+            _line(console, _styled(line, "red"))
     _line(console, status_line(result.passed))
 
 
@@ -385,15 +462,10 @@ def render_check(results: list[CheckResult], console: Console) -> None:
             if not r.foldable
             else _styled(f"{len(r.foldable)} foldable BatchNorm(s) left", "red")
         )
-        _line(
-            console,
-            _join(
-                path,
-                f": {r.batchnorms} BatchNorm(s); ",
-                status,
-                f"; {len(r.kept)} kept; {len(r.allowed)} allowed",
-            ),
-        )
+        tail = f"; {len(r.kept)} kept (bnfold cannot fold them)" if r.kept else ""
+        if r.allowed:
+            tail += f"; {len(r.allowed)} left on purpose (--allow-node)"
+        _line(console, _join(path, f": {r.batchnorms} BatchNorm(s); ", status, tail))
         if r.foldable:
             t = _table(None, ("BatchNormalization", "would fold into", "how"), show_header=True)
             for d in r.foldable:
@@ -403,5 +475,10 @@ def render_check(results: list[CheckResult], console: Console) -> None:
                     inert_text(d["detail"]),
                 )
             _emit(console, t)
+            _line(
+                console,
+                f"  to fix: bnfold fold --in-place {inert(r.path)}  (folds and verifies, then "
+                "replaces the file; in pre-commit: the bnfold-fold hook)",
+            )
         if r.verification is not None:
             render_verification(r.verification, console, title=f"{r.path} against its original")

@@ -58,7 +58,7 @@ def verification_markdown(
         lines.append(f"Verification skipped: {md_inert(v.skipped_reason)}")
     if v.outputs:
         lines += [
-            "| output | dtype | max abs | max rel | atol | rtol | result |",
+            "| output | dtype | max abs | atol needed | atol | rtol | result |",
             "|---|---|--:|--:|--:|--:|---|",
         ]
         for o in v.outputs:
@@ -68,7 +68,7 @@ def verification_markdown(
                         md_inert(o.name),
                         md_inert(o.dtype),
                         _fmt_err(o.max_abs_error),
-                        _fmt_err(o.max_rel_error),
+                        _fmt_err(o.min_atol_to_pass),
                         f"{o.atol:g}",
                         f"{o.rtol:g}",
                         "pass" if o.passed else "FAIL",

@@ -1,7 +1,8 @@
 """PyTorch front end: fold BatchNorm in an ``nn.Module``, or export it to ONNX, fold and verify.
 
-``torch`` is an optional extra (``pip install 'bnfold[torch]'``) and is imported only inside the
-functions of this package, so ``import bnfold`` (and even ``import bnfold.torch``) never imports it.
+``torch`` is an optional extra (``pip install '.[torch]'`` in a checkout, or the CPU wheel:
+``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu``) and is imported
+only inside the functions of this package, so ``import bnfold`` (and even ``import bnfold.torch``) never imports it.
 
 Three entry points, each returning the same :class:`~bnfold.report.FoldReport` as the ONNX path::
 

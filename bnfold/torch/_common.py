@@ -6,8 +6,11 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,13 +25,37 @@ from bnfold.errors import (
     UsageError,
 )
 
+logger = logging.getLogger("bnfold.torch")
+
+
+def warnings_to_log(func):  # noqa: ANN001, ANN201 - a decorator
+    """Run ``func`` with Python warnings (torch's TracerWarning, "no signature found ...",
+    deprecations) captured and logged at debug level instead of printed: they are about torch's
+    internals, not the user's model, and ``-q`` must mean quiet. ``-v``/logging shows them."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return func(*args, **kwargs)
+            finally:
+                for w in caught:
+                    logger.debug(
+                        "%s: %s (%s:%s)", w.category.__name__, w.message, w.filename, w.lineno
+                    )
+
+    return wrapper
+
 
 def _import_torch():  # noqa: ANN202 - returns the torch module
     try:
         import torch
     except ImportError:
         raise TorchUnavailableError(
-            "PyTorch is not installed; install the extra: pip install 'bnfold[torch]'"
+            "PyTorch is not installed; for the CPU build: pip install torch==2.13.0 "
+            "--index-url https://download.pytorch.org/whl/cpu (or pip install '.[torch]' in a "
+            "bnfold checkout)"
         ) from None
     return torch
 

@@ -5,12 +5,13 @@ file records or the user gives, and ``fold_file`` (load, then :func:`bnfold.torc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,14 @@ from typing import TYPE_CHECKING, Any
 from bnfold.errors import InputNotFoundError, InvalidModelError, TrainingModeError, UsageError
 from bnfold.options import FoldOptions
 
-from ._common import _first_line, _forward_arg_names, _graph_runs_bn_in_training, _import_torch
-from .onnx_export import export
+from ._common import (
+    _first_line,
+    _forward_arg_names,
+    _graph_runs_bn_in_training,
+    _import_torch,
+    warnings_to_log,
+)
+from .onnx_export import export, exported_onnx
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.api import FoldResult
@@ -117,6 +124,7 @@ def _describe_loaded(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
+@warnings_to_log
 def load_torch_file(
     path: str | os.PathLike,
     *,
@@ -349,6 +357,7 @@ def _from_exported_program(ep: Any, path: Path, given: dict[str, tuple[int, ...]
     )
 
 
+@warnings_to_log
 def fold_file(
     path: str | os.PathLike,
     output: str | os.PathLike,
@@ -398,3 +407,31 @@ def fold_file(
     )
     result.report.input = str(path)
     return result
+
+
+@contextlib.contextmanager
+def torch_file_as_onnx(
+    path: str | os.PathLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    trust_pickle: bool = False,
+    opset: int = 17,
+) -> Iterator[Path]:
+    """A PyTorch file (``.pt2``, TorchScript, pickled module) exported to a temporary ONNX file as
+    ``bnfold fold`` exports it, unfolded; removed on exit. Loading errors are the one-line
+    :class:`~bnfold.errors.BnfoldError` of :func:`load_torch_file`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            src = load_torch_file(path, input_shapes=input_shapes, trust_pickle=trust_pickle)
+            with exported_onnx(
+                src.module,
+                src.example_inputs,
+                input_names=src.input_names,
+                dynamic_batch=src.dynamic_batch,
+                opset=opset,
+            ) as exported:
+                yield exported
+        finally:
+            for w in caught:
+                logger.debug("%s: %s", w.category.__name__, w.message)

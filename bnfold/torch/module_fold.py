@@ -67,6 +67,7 @@ from ._common import (
     _seeded_like,
     _shapes_text,
     _to_numpy,
+    warnings_to_log,
 )
 from ._folder import _fold_scopes
 from ._scopes import _count_layers, _discover, _Run
@@ -99,7 +100,16 @@ class ModuleFoldResult:
     def __bool__(self) -> bool:
         return self.report.passed
 
+    def __repr__(self) -> str:
+        from bnfold.render import summary
 
+        return summary.one_line("ModuleFoldResult", summary.fold_report(self.report))
+
+    def _repr_markdown_(self) -> str:
+        return self.report.to_markdown()
+
+
+@warnings_to_log
 def fold_module(
     module: Any,
     example_inputs: Any = None,

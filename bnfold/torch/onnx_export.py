@@ -5,13 +5,14 @@ and write it atomically.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from ._common import (
     _seeded_like,
     _shapes_text,
     _to_numpy,
+    warnings_to_log,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
+@warnings_to_log
 def export(
     module: Any,
     example_inputs: Any,
@@ -117,6 +120,35 @@ def export(
         module = module.module()
     names = _Names(input_names, output_names, dynamic_batch)
     return _export(module, example_inputs, path, opts, names)
+
+
+@contextlib.contextmanager
+def exported_onnx(
+    module: Any,
+    example_inputs: Any,
+    *,
+    input_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    opset: int = 17,
+) -> Iterator[Path]:
+    """The module exported to ONNX exactly as :func:`export` exports it (every BatchNorm kept, no
+    constant folding), unfolded, in a temporary folder removed on exit: what ``bnfold inspect``
+    and ``bnfold check`` read for a PyTorch file."""
+    torch = _import_torch()
+    _check_module_state(module)
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    args = _as_args(example_inputs)
+    _, references = _reference_outputs(module, args, 0, dynamic_batch=False)
+    names = _Names(input_names, None, dynamic_batch)
+    names_in, names_out, dynamic_axes = _onnx_names(module, args, references[0], names)
+    work = Path(tempfile.mkdtemp(prefix="bnfold-torch-"))
+    try:
+        exported = work / "exported.onnx"
+        _torch_onnx_export(module, args, exported, names_in, names_out, dynamic_axes, opset)
+        yield exported
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from bnfold.cli._shared import (
 )
 from bnfold.cli.options import (
     BatchSizeOpt,
-    InputShapeOpt,
+    BenchInputShapeOpt,
+    BenchSeedOpt,
     JsonOpt,
     LevelsOpt,
     MarkdownOpt,
@@ -25,7 +26,6 @@ from bnfold.cli.options import (
     ProviderOpt,
     RunsOpt,
     SecondsOpt,
-    SeedOpt,
     ThreadsOpt,
     WarmupOpt,
 )
@@ -35,7 +35,9 @@ def bench(
     models: Annotated[
         list[Path],
         typer.Argument(
-            help="Models to time; the first is the baseline of every ratio.", show_default=False
+            metavar="MODEL...",
+            help="Models to time; the first is the baseline of every ratio.",
+            show_default=False,
         ),
     ],
     level: LevelsOpt = None,
@@ -44,9 +46,9 @@ def bench(
     warmup: WarmupOpt = 10,
     threads: ThreadsOpt = 1,
     batch_size: BatchSizeOpt = None,
-    input_shape: InputShapeOpt = None,
+    input_shape: BenchInputShapeOpt = None,
     provider: ProviderOpt = "cpu",
-    seed: SeedOpt = 0,
+    seed: BenchSeedOpt = 0,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     plot_file: PlotOpt = None,

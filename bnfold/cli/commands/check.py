@@ -25,6 +25,7 @@ from bnfold.cli.options import (
     QuietOpt,
     RtolOpt,
     SeedOpt,
+    TrustPickleOpt,
 )
 
 
@@ -32,7 +33,9 @@ def check(
     models: Annotated[
         list[Path],
         typer.Argument(
-            help="ONNX model(s) to check: files, directories or glob patterns.", show_default=False
+            metavar="MODEL...",
+            help="ONNX model(s) to check: files, directories or glob patterns.",
+            show_default=False,
         ),
     ],
     allow: AllowOpt = 0,
@@ -42,6 +45,7 @@ def check(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
+    trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     quiet: QuietOpt = False,
@@ -73,6 +77,8 @@ def check(
             allow_nodes=allow_node or (),
             against=against,
             verify_options=verify_options,
+            input_shapes=shapes or None,
+            trust_pickle=trust_pickle,
         )
         for path, _ in inputs
     ]
@@ -103,5 +109,10 @@ def _show(results: list, allow: int, console, json_out, markdown, quiet: bool) -
         write_markdown(check_markdown(results), markdown)
     if not quiet:
         render_check(results, console)
+    else:
+        from bnfold.render.console import check_failure_lines
+
+        for line in check_failure_lines(results, allow):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print("[bold green]PASSED[/]" if exit_code == 0 else "[bold red]FAILED[/]")
     raise typer.Exit(exit_code)

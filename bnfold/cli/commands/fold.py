@@ -22,6 +22,7 @@ from bnfold.cli.options import (
     BenchOpt,
     DuplicateSharedOpt,
     ExternalDataOpt,
+    InPlaceOpt,
     InputShapeOpt,
     JobsOpt,
     JsonOpt,
@@ -44,12 +45,14 @@ def fold(
     models: Annotated[
         list[Path],
         typer.Argument(
+            metavar="MODEL...",
             help="ONNX model(s) to fold: files, directories (every *.onnx below) or glob patterns.",
             show_default=False,
         ),
     ],
     output: OutputOpt = None,
     output_dir: OutputDirOpt = None,
+    in_place: InPlaceOpt = False,
     jobs: JobsOpt = 1,
     verify: VerifyOpt = True,
     input_shape: InputShapeOpt = None,
@@ -69,7 +72,7 @@ def fold(
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL(s) and write the folded model(s).
 
-    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
+    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original (skip that with --no-verify) and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
 
     Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error. With several models: the worst of them.
     """
@@ -96,15 +99,35 @@ def fold(
     single = len(inputs) == 1 and output_dir is None and not models[0].is_dir()
     if output is not None and not single:
         raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
+    if output is not None and not output.is_dir() and output.suffix.lower() != ".onnx":
+        _refuse_output_name(inputs[0][0], output)
     check_report_paths(
         json_out, markdown
     )  # before any model is committed: exit 2 = nothing written
     console = console_for(json_out == "-")
     out = _Output(console, json_out, markdown, verbose, quiet)
+    if in_place:
+        _fold_in_place([src for src, _ in inputs], options, out, output, output_dir)
     if single:
         model = inputs[0][0]
         _fold_one(model, output if output is not None else default_output(model), options, out)
     _fold_batch(_batch_tasks(inputs, output_dir), jobs, options, out)
+
+
+def _refuse_output_name(model: Path, output: Path) -> None:
+    """``-o out.txt``: refused, after the path checks that name a worse mistake (the input itself,
+    or its external data)."""
+    from bnfold import io as _io
+    from bnfold.batch import is_torch_input
+    from bnfold.errors import UsageError
+
+    if output.exists() and model.is_file() and not is_torch_input(model):
+        protected = _io.external_data_files(_io.load(model))
+        _io.check_output_path(output, input_path=model, protected=protected)
+    raise UsageError(
+        f"-o {output}: the folded model is an ONNX file; give a name ending in .onnx "
+        "(--json/--markdown write the report)"
+    )
 
 
 def _batch_tasks(
@@ -157,12 +180,12 @@ def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> 
     from bnfold.render.console import render
     from bnfold.render.markdown import fold_markdown
 
-    with Progress(out.console, enabled=not out.quiet) as progress:
+    with Progress(out.console, enabled=not out.quiet, model=model, output=output) as progress:
         result = fold_any(model, output, options, progress=progress)
     report = result.report
     out.write(report.to_dict(), lambda: fold_markdown([report]))
     if out.quiet:
-        out.console.print("PASSED" if report.passed else "FAILED")
+        _quiet_end(out.console, [report.to_dict()] if not report.passed else [], report.passed)
     else:
         render(report, out.console, verbose=out.verbose)
     raise typer.Exit(report.exit_code)
@@ -180,10 +203,14 @@ def _fold_batch(
     console, quiet = out.console, out.quiet
     bar = batch_bar(console, len(tasks)) if console.is_terminal and not quiet else None
 
+    def on_running(inputs: list[str]) -> None:
+        if bar is not None:
+            names = ", ".join(inert_markup(Path(i).name) for i in inputs)
+            bar.update(bar.task_ids[0], description=f"folding {names}")
+
     def on_done(item, done, n) -> None:  # noqa: ANN001 - BatchItem, int, int
         if bar is not None:
-            name = inert_markup(Path(item.input).name)
-            bar.update(bar.task_ids[0], completed=done, description=f"folded {name}")
+            bar.update(bar.task_ids[0], completed=done)
         elif not quiet:
             # Not a terminal (CI logs): one plain line per model, no control characters.
             console.print(
@@ -191,13 +218,64 @@ def _fold_batch(
             )
 
     try:
-        result = fold_many(tasks, jobs=jobs, options=options, on_done=on_done)
+        result = fold_many(
+            tasks, jobs=jobs, options=options, on_done=on_done, on_running=on_running
+        )
     finally:
         if bar is not None:
             bar.stop()
     out.write(result.to_dict(), lambda: batch_markdown(result))
     if quiet:
-        console.print("PASSED" if result.passed else "FAILED")
+        failed = [i for i in result.items if i.exit_code != 0]
+        _quiet_end(console, failed, result.passed)
     else:
         render_batch(result, console)
     raise typer.Exit(result.exit_code)
+
+
+def _quiet_end(console: Any, failed: list, passed: bool) -> None:  # noqa: ANN401
+    """``-q``: no tables, but one line per cause of failure, then PASSED/FAILED."""
+    from bnfold.render.console import failure_lines, status_line
+
+    for entry in failed:
+        if isinstance(entry, dict):
+            lines = failure_lines(entry)
+        else:  # a BatchItem
+            lines = failure_lines(entry.report or {"input": entry.input}, entry.error)
+        for line in lines:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(status_line(passed), soft_wrap=True)
+
+
+def _fold_in_place(
+    models: list[Path], options: FoldOptions, out: _Output, output: Path | None, output_dir: Any
+) -> None:
+    """``--in-place``: each ONNX model replaced by its folded, verified self; exit with the worst."""
+    from bnfold.api import fold_in_place
+    from bnfold.batch import is_torch_input
+    from bnfold.errors import UsageError
+    from bnfold.render.console import render
+    from bnfold.render.markdown import fold_markdown
+
+    if output is not None or output_dir is not None:
+        raise UsageError("--in-place writes over each MODEL; it takes no -o/--output-dir")
+    torch_files = [m for m in models if is_torch_input(m)]
+    if torch_files:
+        raise UsageError(
+            f"{torch_files[0]}: --in-place replaces ONNX files; a PyTorch file is folded into a "
+            "new .onnx (bnfold fold MODEL -o OUT.onnx)"
+        )
+    reports = []
+    for model in models:
+        with Progress(out.console, enabled=not out.quiet, model=model, output=model) as progress:
+            reports.append(fold_in_place(model, options, progress=progress).report)
+        if not out.quiet:
+            render(reports[-1], out.console, verbose=out.verbose)
+    payload = (
+        reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}
+    )
+    out.write(payload, lambda: fold_markdown(reports))
+    failed = [r.to_dict() for r in reports if not r.passed]
+    if out.quiet:
+        _quiet_end(out.console, failed, not failed)
+    raise typer.Exit(max(r.exit_code for r in reports))

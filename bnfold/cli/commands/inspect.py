@@ -14,19 +14,29 @@ from bnfold.cli._shared import (
     write_json,
     write_markdown,
 )
-from bnfold.cli.options import JsonOpt, MarkdownOpt
+from bnfold.cli.options import InputShapeOpt, JsonOpt, MarkdownOpt, TrustPickleOpt
 
 EXIT_OK = 0
 
 
 def inspect(
-    model: Annotated[Path, typer.Argument(help="The ONNX model to inspect.", show_default=False)],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            metavar="MODEL",
+            help="The model to inspect: ONNX, or a PyTorch .pt2/TorchScript/pickled module "
+            "(exported as 'bnfold fold' exports it).",
+            show_default=False,
+        ),
+    ],
     lower_remaining: Annotated[
         bool, typer.Option("--lower-remaining", help="As in 'bnfold fold'.")
     ] = False,
     duplicate_shared: Annotated[
         bool, typer.Option("--duplicate-shared", help="As in 'bnfold fold'.")
     ] = False,
+    input_shape: InputShapeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
 ) -> None:
@@ -34,15 +44,19 @@ def inspect(
 
     Exit codes: 0 inspected; 2 bad input or usage.
     """
+    from bnfold.batch import as_onnx
+    from bnfold.compare import parse_input_shapes
     from bnfold.dryrun import inspect_model
     from bnfold.render.console import render
     from bnfold.render.markdown import fold_markdown
 
     check_model_path(model)
     console = console_for(json_out == "-")
-    report = inspect_model(
-        model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
-    )
+    shapes = parse_input_shapes(input_shape or [])
+    with as_onnx(model, input_shapes=shapes or None, trust_pickle=trust_pickle) as onnx_path:
+        report = inspect_model(
+            onnx_path, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
+        )
     report.input = str(model)
     if json_out:
         write_json(report.to_dict(), json_out)

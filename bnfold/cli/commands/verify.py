@@ -36,10 +36,16 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def verify(
-    reference: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
+    reference: Annotated[
+        Path, typer.Argument(metavar="REFERENCE", help="The original model.", show_default=False)
+    ],
     candidate: Annotated[
         Path,
-        typer.Argument(help="The model that should compute the same function.", show_default=False),
+        typer.Argument(
+            metavar="CANDIDATE",
+            help="The model that should compute the same function.",
+            show_default=False,
+        ),
     ],
     input_shape: InputShapeOpt = None,
     data: DataOpt = None,
@@ -113,5 +119,10 @@ def verify(
             from bnfold.render.console import render_localize
 
             render_localize(located, console)
+    elif not passed:
+        from bnfold.render.console import failure_lines
+
+        for line in failure_lines({"input": str(candidate), "verification": result.to_dict()}):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print("[bold green]PASSED[/]" if passed else "[bold red]FAILED[/]")
     raise typer.Exit(EXIT_OK if passed else EXIT_FAILED)
