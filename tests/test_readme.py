@@ -24,7 +24,16 @@ from bnfold.cli import app
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-_INSTALL_STEPS = ("python3 -m venv ", ". .venv/bin/activate", "pip install ", "python -m pytest")
+# Install steps, the test command and the development checks: .ci/run runs each of them as written.
+_INSTALL_STEPS = (
+    "python3 -m venv ",
+    ". .venv/bin/activate",
+    "pip install ",
+    "python -m pytest",
+    "ruff check .",
+    "ruff format --check .",
+    "mypy",
+)
 
 
 def _blocks(language: str) -> list[str]:

@@ -95,7 +95,7 @@ def test_quiet_batch_names_the_failing_model_and_why(tmp_path):
 
 
 def test_quiet_strict_names_the_kept_batchnorm(tmp_path):
-    from conftest import write_unfoldable_model
+    from helpers import write_unfoldable_model
 
     model = tmp_path / "kept.onnx"
     write_unfoldable_model(model)
@@ -395,7 +395,7 @@ def test_pre_commit_check_says_how_to_fix_and_the_fold_hook_fixes_it(tmp_path, m
 
 def test_in_place_with_external_data_replaces_model_and_data(tmp_path):
     import onnx
-    from conftest import random_feeds, run_ort
+    from helpers import random_feeds, run_ort
 
     proto = onnx.load(SAMPLES / "cnn2d.onnx")
     feeds = random_feeds(proto)
