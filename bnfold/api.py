@@ -55,11 +55,19 @@ class FoldResult:
 
 
 def fold_model(
-    model: ir.Model, *, lower_remaining: bool = False, duplicate_shared: bool = False
+    model: ir.Model,
+    *,
+    lower_remaining: bool = False,
+    duplicate_shared: bool = False,
+    allow_slower_folds: bool = False,
 ) -> list[BNDecision]:
     """Run the fold pass in place on an ``onnx_ir.Model``; return one decision per BatchNorm (and per
     decomposed BN that was folded). The options are those of :class:`BatchNormFoldPass`."""
-    p = BatchNormFoldPass(lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
+    p = BatchNormFoldPass(
+        lower_remaining=lower_remaining,
+        duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
+    )
     p(model)
     return p.decisions
 
@@ -82,6 +90,7 @@ def fold(
     progress: ProgressFn | None = None,
     lower_remaining: bool = False,
     duplicate_shared: bool = False,
+    allow_slower_folds: bool = False,
     bench: bool = False,
     options: FoldOptions | None = None,
 ) -> FoldResult:
@@ -107,6 +116,9 @@ def fold(
             "kept", with direction "lowered".
         duplicate_shared: where a producer's output also feeds other nodes, fold into a copy of
             the producer (costs its compute twice; said in the decision's detail).
+        allow_slower_folds: also fold a BN whose forward fold needs a padded Conv's
+            border-correction ``Add`` that the cost rule expects to make the model slower at ONNX
+            Runtime's default level (kept by default, reason ``slower_fold``).
         bench: after the output is written, time the input file against it under ONNX Runtime
             (``report.bench``); needs a model path and an ``output``.
         options: all of the above (but ``progress``) as one :class:`~bnfold.options.FoldOptions`;
@@ -127,6 +139,7 @@ def fold(
         external_data=external_data,
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
         bench=bench,
     )
     return fold_with(model, output, opts, progress=progress)
@@ -226,6 +239,7 @@ def _run_pass(job: _Job) -> FoldReport:
         job.ir_model,
         lower_remaining=opts.lower_remaining,
         duplicate_shared=opts.duplicate_shared,
+        allow_slower_folds=opts.allow_slower_folds,
     )
     job.timings["fold"] = time.perf_counter() - t1
     if external is None and not job.use_external:

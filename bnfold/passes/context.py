@@ -50,10 +50,17 @@ class FoldContext:
     undo: list[Callable[[], None]] = field(default_factory=list)
     inferred: Inferred | None = None
     modified: bool = False
+    #: Make forward folds the cost rule expects to slow the model down (``slower_fold``).
+    allow_slower_folds: bool = False
 
     @classmethod
     def create(
-        cls, model: ir.Model, *, lower_remaining: bool, duplicate_shared: bool
+        cls,
+        model: ir.Model,
+        *,
+        lower_remaining: bool,
+        duplicate_shared: bool,
+        allow_slower_folds: bool = False,
     ) -> FoldContext:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         ctx = cls(
@@ -63,6 +70,7 @@ class FoldContext:
             model_opset=opset,
             opset=opset,
             names=_all_names(model),
+            allow_slower_folds=allow_slower_folds,
         )
         ctx.scopes.update((id(g), label) for g, label in walk_graphs(model.graph))
         for fn in model.functions.values():

@@ -74,16 +74,26 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
     :class:`~bnfold.passes.context.FoldContext`, so a pass can be reused and shared.
     """
 
-    def __init__(self, *, lower_remaining: bool = False, duplicate_shared: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        lower_remaining: bool = False,
+        duplicate_shared: bool = False,
+        allow_slower_folds: bool = False,
+    ) -> None:
         super().__init__()
         self.lower_remaining = lower_remaining
         self.duplicate_shared = duplicate_shared
+        self.allow_slower_folds = allow_slower_folds
         #: The last run's decisions (compatibility: prefer ``FoldPassResult.decisions``).
         self.decisions: list[BNDecision] = []
 
     def call(self, model: ir.Model) -> FoldPassResult:
         ctx = FoldContext.create(
-            model, lower_remaining=self.lower_remaining, duplicate_shared=self.duplicate_shared
+            model,
+            lower_remaining=self.lower_remaining,
+            duplicate_shared=self.duplicate_shared,
+            allow_slower_folds=self.allow_slower_folds,
         )
         _process_tree(ctx, model.graph)
         for fn in model.functions.values():

@@ -17,6 +17,7 @@ from bnfold.cli._shared import (
     write_markdown,
 )
 from bnfold.cli.options import (
+    AllowSlowerFoldsOpt,
     AtolOpt,
     BenchOpt,
     DuplicateSharedOpt,
@@ -30,6 +31,7 @@ from bnfold.cli.options import (
     OutputOpt,
     QuietOpt,
     RtolOpt,
+    SchedulerOpt,
     SeedOpt,
     StrictOpt,
     TrustPickleOpt,
@@ -50,6 +52,7 @@ def fold(
     output: OutputOpt = None,
     output_dir: OutputDirOpt = None,
     jobs: JobsOpt = 1,
+    scheduler: SchedulerOpt = None,
     verify: VerifyOpt = True,
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
@@ -60,6 +63,7 @@ def fold(
     external_data: ExternalDataOpt = None,
     lower_remaining: LowerRemainingOpt = False,
     duplicate_shared: DuplicateSharedOpt = False,
+    allow_slower_folds: AllowSlowerFoldsOpt = False,
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
@@ -68,7 +72,7 @@ def fold(
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL(s) and write the folded model(s).
 
-    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
+    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one, by --jobs local worker processes, or on a Dask cluster (--scheduler); one failing model does not stop the others.
 
     Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error. With several models: the worst of them.
     """
@@ -86,6 +90,7 @@ def fold(
         external_data=external_data,
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
         bench=bench,
         trust_pickle=trust_pickle,
     )
@@ -97,10 +102,19 @@ def fold(
         raise UsageError("-o/--output takes one model; use -O/--output-dir for several")
     console = console_for(json_out == "-")
     out = _Output(console, json_out, markdown, verbose, quiet)
-    if single:
+    if scheduler is None and single:
         model = inputs[0][0]
         _fold_one(model, output if output is not None else default_output(model), options, out)
-    _fold_batch(_batch_tasks(inputs, output_dir), jobs, options, out)
+    if single:  # one model sent to a cluster: a batch of one
+        tasks = [(inputs[0][0], output if output is not None else default_output(inputs[0][0]))]
+    else:
+        tasks = _batch_tasks(inputs, output_dir)
+    if scheduler is None:
+        _fold_batch(tasks, jobs, options, out)
+    from bnfold.batch import dask_executor
+
+    with dask_executor(scheduler) as (executor, workers):
+        _fold_batch(tasks, workers, options, out, executor=executor)
 
 
 def _batch_tasks(
@@ -165,7 +179,11 @@ def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> 
 
 
 def _fold_batch(
-    tasks: list[tuple[Path, Path]], jobs: int, options: FoldOptions, out: _Output
+    tasks: list[tuple[Path, Path]],
+    jobs: int,
+    options: FoldOptions,
+    out: _Output,
+    executor: Any = None,
 ) -> None:
     """Fold several models; a summary table at the end; exit with the worst result."""
     from bnfold.batch import fold_many
@@ -187,7 +205,7 @@ def _fold_batch(
             )
 
     try:
-        result = fold_many(tasks, jobs=jobs, options=options, on_done=on_done)
+        result = fold_many(tasks, jobs=jobs, options=options, on_done=on_done, executor=executor)
     finally:
         if bar is not None:
             bar.stop()

@@ -27,6 +27,9 @@ def inspect(
     duplicate_shared: Annotated[
         bool, typer.Option("--duplicate-shared", help="As in 'bnfold fold'.")
     ] = False,
+    allow_slower_folds: Annotated[
+        bool, typer.Option("--allow-slower-folds", help="As in 'bnfold fold'.")
+    ] = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
 ) -> None:
@@ -41,7 +44,10 @@ def inspect(
     check_model_path(model)
     console = console_for(json_out == "-")
     report = inspect_model(
-        model, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
+        model,
+        lower_remaining=lower_remaining,
+        duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
     )
     report.input = str(model)
     if json_out:
