@@ -73,6 +73,8 @@ def test_a_reused_pass_holds_no_per_run_state():
         "lower_remaining",
         "duplicate_shared",
         "allow_slower_folds",
+        "defer_range_check",
+        "known_overflow",
         "decisions",
     }
     assert fold_pass.lower_remaining is True and fold_pass.duplicate_shared is False

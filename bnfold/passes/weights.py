@@ -2,9 +2,17 @@
 
 A folded weight is a :class:`FoldedTensor`: ``round(formula(W64))`` computed from the (possibly
 memory-mapped) original only when its bytes are written, one weight at a time, so folding a model
-with gigabytes of external weights never holds all of them in memory. Whether the folded values fit
-the weight's dtype is checked *before* anything changes (:func:`lazy_fold`): exactly, from per-channel
-maxima read in chunks (backward folds) or from the folded values themselves (forward folds).
+with gigabytes of external weights never holds all of them in memory. A weight scaled per output row
+(a backward fold into a Conv or a Gemm with transB=1) is computed a block of rows at a time, so the
+float64 intermediate is a few MiB whatever the weight's size.
+
+Whether the folded values fit the weight's dtype is checked *before* anything changes
+(:func:`lazy_fold`): exactly, from per-channel maxima read in chunks (backward folds) or from the
+folded values themselves (forward folds). A writer that can run the fold again (``bnfold.fold`` on a
+path or a ModelProto) sets ``FoldContext.defer_range_check``: then a large weight is read once, when
+it is written, and the range is checked there; a value out of range raises :class:`DeferredOverflow`,
+the writer discards the staged output and folds again with that BN kept (``overflow``), so the
+decisions are the same as with the check up front.
 """
 
 from __future__ import annotations
@@ -29,6 +37,25 @@ if TYPE_CHECKING:
     from .constants import Const
 
 _CHUNK_BYTES = 64 << 20  # read weights in chunks of this size when scanning them
+#: Rows of a row-separable folded weight are computed this many float64 bytes at a time.
+_ROW_BLOCK_BYTES = 4 << 20
+#: Weights at least this large skip the up-front range check when it may be deferred.
+DEFER_MIN_BYTES = 1 << 20
+
+
+class DeferredOverflow(Exception):
+    """A folded weight whose range check was deferred overflowed while it was written.
+
+    ``key`` is (graph label, BN label, what): the caller folds again with that fold refused."""
+
+    def __init__(self, key: tuple[str, str, str], detail: str) -> None:
+        super().__init__(f"{key[1]}: {detail}")
+        self.key = key
+        self.detail = detail
+
+
+#: ``rows(block, sl)``: the float64 folded rows ``sl`` of a weight from its original rows ``block``.
+RowFormula = Callable[[np.ndarray, slice], np.ndarray]
 
 
 class FoldedTensor(ir.LazyTensor):
@@ -46,11 +73,23 @@ class FoldedTensor(ir.LazyTensor):
         dtype: ir.DataType,
         shape: tuple[int, ...],
         name: str,
+        *,
+        compute: Callable[[np.dtype], np.ndarray] | None = None,
+        overflow_key: tuple[str, str, str] | None = None,
     ) -> None:
         np_dtype = FLOAT_DTYPES[dtype]
 
         def func() -> ir.Tensor:
-            return ir.Tensor(numerics.round_to(compute64(), np_dtype, name), dtype=dtype, name=name)
+            try:
+                if compute is not None:
+                    arr = compute(np_dtype)
+                else:
+                    arr = numerics.round_to(compute64(), np_dtype, name)
+            except Refusal as refusal:
+                if overflow_key is not None and refusal.reason is SkipReason.OVERFLOW:
+                    raise DeferredOverflow(overflow_key, refusal.detail) from None
+                raise
+            return ir.Tensor(arr, dtype=dtype, name=name)
 
         super().__init__(func, dtype=dtype, shape=ir.Shape(shape), name=name)
         self.compute64 = compute64
@@ -68,20 +107,33 @@ def lazy_fold(
     formula: Callable[[np.ndarray], np.ndarray],
     bound: Callable[[], np.ndarray],
     what: str,
+    rows: RowFormula | None = None,
 ) -> Install:
     """Check the range now, fold lazily later.
 
     ``bound()`` gives |folded values| (or their per-channel maxima); unless the weight is float64,
     a value beyond its dtype's maximum refuses the fold (``overflow``) before anything changes. The
-    returned step gives ``node`` (at input ``index``) the lazy folded weight ``formula(W64)``.
+    returned step gives ``node`` (at input ``index``) the lazy folded weight ``formula(W64)``,
+    computed by blocks of rows with ``rows`` when given. With ``ctx.defer_range_check``, a large
+    weight is not read now: its range is checked as it is written (:class:`DeferredOverflow`).
     """
-    if FLOAT_DTYPES[w.dtype] != np.float64:
+    key = (*ctx.current_bn, what) if ctx.current_bn is not None else None
+    if key is not None and key in ctx.known_overflow:
+        raise Refusal(SkipReason.OVERFLOW, ctx.known_overflow[key])
+    nbytes = int(np.prod(w.shape, dtype=np.int64)) * FLOAT_DTYPES[w.dtype].itemsize
+    deferred = ctx.defer_range_check and key is not None and nbytes >= DEFER_MIN_BYTES
+    if FLOAT_DTYPES[w.dtype] != np.float64 and not deferred:
         values = bound()
         w.release()
         check_range(values, FLOAT_DTYPES[w.dtype], what)
 
     def install() -> None:
-        set_input(ctx, node, index, folded(ctx, w, formula, node.inputs[index]))
+        set_input(
+            ctx,
+            node,
+            index,
+            folded(ctx, w, formula, node.inputs[index], rows, key if deferred else None),
+        )
 
     return install
 
@@ -125,9 +177,15 @@ def conv_transpose_absmax(w: Const, group: int) -> np.ndarray:
 
 
 def folded(
-    ctx: FoldContext, c: Const, formula: Callable[[np.ndarray], np.ndarray], old: ir.Value
+    ctx: FoldContext,
+    c: Const,
+    formula: Callable[[np.ndarray], np.ndarray],
+    old: ir.Value,
+    rows: RowFormula | None = None,
+    overflow_key: tuple[str, str, str] | None = None,
 ) -> FoldedTensor:
-    """A lazy folded weight: ``formula`` applied to the float64 original when it is written."""
+    """A lazy folded weight: ``formula`` applied to the float64 original when it is written (by
+    blocks of rows with ``rows``, reading the original once, in its own dtype)."""
 
     def compute64() -> np.ndarray:
         try:
@@ -136,7 +194,30 @@ def folded(
             c.release()
         return formula(original)
 
-    return FoldedTensor(compute64, c.dtype, c.shape, ctx.fresh(old.name or "W"))
+    name = ctx.fresh(old.name or "W")
+    compute = None
+    if rows is not None and c.exact_load and len(c.shape) >= 1 and c.shape[0] > 1:
+
+        def compute(np_dtype: np.dtype) -> np.ndarray:
+            try:
+                return _by_rows(c.load(), rows, np_dtype, name)
+            finally:
+                c.release()
+
+    return FoldedTensor(
+        compute64, c.dtype, c.shape, name, compute=compute, overflow_key=overflow_key
+    )
+
+
+def _by_rows(original: np.ndarray, rows: RowFormula, np_dtype: np.dtype, name: str) -> np.ndarray:
+    """``round(rows(original))`` a block of rows at a time: one rounding, as for the whole."""
+    out = np.empty(original.shape, dtype=np_dtype)
+    per_row = max(1, int(np.prod(original.shape[1:], dtype=np.int64))) * 8
+    step = max(1, _ROW_BLOCK_BYTES // per_row)
+    for start in range(0, original.shape[0], step):
+        sl = slice(start, min(start + step, original.shape[0]))
+        out[sl] = numerics.round_to(rows(original[sl], sl), np_dtype, name)
+    return out
 
 
 def eager(
