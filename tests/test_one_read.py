@@ -126,3 +126,34 @@ def test_an_overflow_found_while_writing_keeps_that_bn_only(
     assert [(d.folded, d.reason) for d in dry.decisions] == [
         (d.folded, d.reason) for d in result.decisions
     ]
+
+
+def test_external_data_is_written_block_by_block(tmp_path, defer_all, monkeypatch):
+    # With external data the folded weight goes to the file a block of rows at a time; the bytes
+    # are those of the whole-tensor formula.
+    model = two_convs(
+        "float", randn(6, 3, 3, 3, seed=1), randn(8, 6, 3, 3, seed=2), params(6), params(8)
+    )
+    whole = const_values(bnfold.fold(model, verify=False).model)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src, save_as_external_data=True, size_threshold=0, location="m.data")
+    monkeypatch.setattr(weights, "_ROW_BLOCK_BYTES", 1)
+    blocks = []
+    by_rows = weights._by_rows
+
+    def counting(*args):  # noqa: ANN002
+        for block in by_rows(*args):
+            blocks.append(block.shape)
+            yield block
+
+    monkeypatch.setattr(weights, "_by_rows", counting)
+
+    result = bnfold.fold(src, tmp_path / "o.onnx", external_data=True)
+
+    assert result and (tmp_path / "o.onnx.data").exists()
+    assert len(blocks) == 6 + 8  # one row per block: both folded weights streamed
+    folded = onnx.load(str(tmp_path / "o.onnx"))
+    new = const_values(folded)
+    assert new.keys() == whole.keys()
+    for name, value in whole.items():
+        np.testing.assert_array_equal(new[name], value)

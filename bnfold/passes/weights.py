@@ -19,7 +19,9 @@ from __future__ import annotations
 
 __all__ = ["FoldedTensor"]
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import ml_dtypes
@@ -65,7 +67,7 @@ class FoldedTensor(ir.LazyTensor):
     (Conv → BN → BN) starts from unrounded values.
     """
 
-    __slots__ = ("compute64",)
+    __slots__ = ("_blocks", "_overflow_key", "compute64")
 
     def __init__(
         self,
@@ -74,25 +76,42 @@ class FoldedTensor(ir.LazyTensor):
         shape: tuple[int, ...],
         name: str,
         *,
-        compute: Callable[[np.dtype], np.ndarray] | None = None,
+        blocks: Callable[[], Iterator[np.ndarray]] | None = None,
         overflow_key: tuple[str, str, str] | None = None,
     ) -> None:
         np_dtype = FLOAT_DTYPES[dtype]
 
         def func() -> ir.Tensor:
-            try:
-                if compute is not None:
-                    arr = compute(np_dtype)
+            with self._overflow_deferred():
+                if blocks is not None:
+                    arr = np.concatenate(list(blocks()), axis=0)
                 else:
                     arr = numerics.round_to(compute64(), np_dtype, name)
-            except Refusal as refusal:
-                if overflow_key is not None and refusal.reason is SkipReason.OVERFLOW:
-                    raise DeferredOverflow(overflow_key, refusal.detail) from None
-                raise
             return ir.Tensor(arr, dtype=dtype, name=name)
 
         super().__init__(func, dtype=dtype, shape=ir.Shape(shape), name=name)
         self.compute64 = compute64
+        self._blocks = blocks
+        self._overflow_key = overflow_key
+
+    @contextlib.contextmanager
+    def _overflow_deferred(self) -> Iterator[None]:
+        """An overflow of a weight whose range check was deferred becomes :class:`DeferredOverflow`."""
+        try:
+            yield
+        except Refusal as refusal:
+            if self._overflow_key is not None and refusal.reason is SkipReason.OVERFLOW:
+                raise DeferredOverflow(self._overflow_key, refusal.detail) from None
+            raise
+
+    def tofile(self, file) -> None:  # noqa: ANN001 - a binary file, as in onnx_ir
+        """Write the folded bytes block by block (never the whole folded weight in memory)."""
+        if self._blocks is None or sys.byteorder != "little":
+            super().tofile(file)
+            return
+        with self._overflow_deferred():
+            for block in self._blocks():
+                file.write(block.tobytes())  # one block (a few MiB) at a time
 
 
 #: Installs a folded weight (prepared by :func:`lazy_fold`) as a node input.
@@ -195,29 +214,28 @@ def folded(
         return formula(original)
 
     name = ctx.fresh(old.name or "W")
-    compute = None
+    blocks = None
     if rows is not None and c.exact_load and len(c.shape) >= 1 and c.shape[0] > 1:
+        np_dtype = FLOAT_DTYPES[c.dtype]
 
-        def compute(np_dtype: np.dtype) -> np.ndarray:
+        def blocks() -> Iterator[np.ndarray]:
             try:
-                return _by_rows(c.load(), rows, np_dtype, name)
+                yield from _by_rows(c.load(), rows, np_dtype, name)
             finally:
                 c.release()
 
-    return FoldedTensor(
-        compute64, c.dtype, c.shape, name, compute=compute, overflow_key=overflow_key
-    )
+    return FoldedTensor(compute64, c.dtype, c.shape, name, blocks=blocks, overflow_key=overflow_key)
 
 
-def _by_rows(original: np.ndarray, rows: RowFormula, np_dtype: np.dtype, name: str) -> np.ndarray:
+def _by_rows(
+    original: np.ndarray, rows: RowFormula, np_dtype: np.dtype, name: str
+) -> Iterator[np.ndarray]:
     """``round(rows(original))`` a block of rows at a time: one rounding, as for the whole."""
-    out = np.empty(original.shape, dtype=np_dtype)
     per_row = max(1, int(np.prod(original.shape[1:], dtype=np.int64))) * 8
     step = max(1, _ROW_BLOCK_BYTES // per_row)
     for start in range(0, original.shape[0], step):
         sl = slice(start, min(start + step, original.shape[0]))
-        out[sl] = numerics.round_to(rows(original[sl], sl), np_dtype, name)
-    return out
+        yield numerics.round_to(rows(original[sl], sl), np_dtype, name)
 
 
 def eager(
