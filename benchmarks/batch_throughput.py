@@ -1,6 +1,6 @@
 """Models per second for batch folding: a plain loop, ``--jobs 1``, ``--jobs 2``, a Dask cluster.
 
-Builds a folder of small models (copies of the shipped sample models, ``--copies`` of each), then
+Builds a folder of small models (``--copies`` copies of each shipped sample model), then
 folds the whole folder, each way timed end to end in its own fresh process (interpreter start-up and
 imports included, as a user running the command would see):
 
@@ -13,7 +13,7 @@ imports included, as a user running the command would see):
 
 Every way verifies each model (the default). Run from the repository root::
 
-    python benchmarks/batch_throughput.py                  # 6 sample models x 4 copies
+    python benchmarks/batch_throughput.py                  # 5 sample models x 4 copies
     python benchmarks/batch_throughput.py --copies 10 --no-dask
 """
 
