@@ -298,10 +298,17 @@ sys.exit(0 if result else 1)
 """
 
 _IR_ROUNDTRIP = """\
-import sys
+import os, sys
 import onnx_ir as ir
 src, dst = sys.argv[1:3]
 ir.save(ir.load(src), dst, external_data=dst.rsplit("/", 1)[-1] + ".data")
+# The same durability as bnfold's atomic write: model, data file and folder fsynced.
+for path in (dst + ".data", dst, os.path.dirname(dst) or "."):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 """
 
 _ONNX_ROUNDTRIP = """\
@@ -612,6 +619,15 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for line in format_ratios([fold_nv, fold_v], baselines):
             print(line)
+        ir_base = next((b for b in baselines if b.name.startswith("onnx_ir") and b.ok), None)
+        if fold_nv.ok and ir_base is not None:
+            ratio, rss = fold_nv.wall_s / ir_base.wall_s, fold_nv.peak_rss / model_bytes
+            print(
+                f"goal (issue 17): {fold_nv.name} wall / onnx_ir load+save (fsync) {ratio:.2f}x "
+                f"(goal <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'}); peak RSS / model "
+                f"{rss:.2f} (goal <= 0.15: {'met' if rss <= 0.15 else 'NOT met'}); "
+                f"RSS {fold_nv.peak_rss / MIB:.0f} MiB vs onnx_ir {ir_base.peak_rss / MIB:.0f} MiB"
+            )
         for m in (fold_nv, fold_v):
             if m.report and m.report.get("timings"):
                 phases = ", ".join(f"{k} {v:.2f}s" for k, v in m.report["timings"].items())

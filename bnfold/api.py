@@ -20,6 +20,7 @@ from . import io as _io
 from .errors import UsageError
 from .options import FoldOptions
 from .passes import BatchNormFoldPass
+from .passes.weights import DeferredOverflow
 from .report import BNDecision, FoldReport
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,19 @@ class FoldResult:
 
 
 def fold_model(
-    model: ir.Model, *, lower_remaining: bool = False, duplicate_shared: bool = False
+    model: ir.Model,
+    *,
+    lower_remaining: bool = False,
+    duplicate_shared: bool = False,
+    allow_slower_folds: bool = False,
 ) -> list[BNDecision]:
     """Run the fold pass in place on an ``onnx_ir.Model``; return one decision per BatchNorm (and per
     decomposed BN that was folded). The options are those of :class:`BatchNormFoldPass`."""
-    p = BatchNormFoldPass(lower_remaining=lower_remaining, duplicate_shared=duplicate_shared)
+    p = BatchNormFoldPass(
+        lower_remaining=lower_remaining,
+        duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
+    )
     p(model)
     return p.decisions
 
@@ -90,6 +99,7 @@ def fold(
     progress: ProgressFn | None = None,
     lower_remaining: bool = False,
     duplicate_shared: bool = False,
+    allow_slower_folds: bool = False,
     bench: bool = False,
     options: FoldOptions | None = None,
 ) -> FoldResult:
@@ -115,6 +125,9 @@ def fold(
             "kept", with direction "lowered".
         duplicate_shared: where a producer's output also feeds other nodes, fold into a copy of
             the producer (costs its compute twice; said in the decision's detail).
+        allow_slower_folds: also fold a BN whose forward fold needs a padded Conv's
+            border-correction ``Add`` that the cost rule expects to make the model slower at ONNX
+            Runtime's default level (kept by default, reason ``slower_fold``).
         bench: after the output is written, time the input file against it under ONNX Runtime
             (``report.bench``); needs a model path and an ``output``.
         options: all of the above (but ``progress``) as one :class:`~bnfold.options.FoldOptions`;
@@ -135,6 +148,7 @@ def fold(
         external_data=external_data,
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
         bench=bench,
     )
     return fold_with(model, output, opts, progress=progress)
@@ -182,21 +196,45 @@ def fold_with(
 ) -> FoldResult:
     """:func:`fold` with its options as one :class:`FoldOptions`; the phases, in order."""
     options.refuse(("opset",), "bnfold.fold", "it applies to PyTorch inputs only")
-    if progress:
-        progress("load", 0, 1)
-    job = _load(model, output, options, in_place=in_place)
-    try:
-        _keep_reference(job, model)
+    # A large weight's range is checked as it is written (one read of each weight); a fold found
+    # to overflow there is refused and the model folded again from the input (nothing of the first
+    # attempt is written: the staged output is discarded).
+    overflowed: dict[tuple[str, str, str], str] = {}
+    while True:
         if progress:
-            progress("fold", 0, 1)
-        report = _run_pass(job)
-        _write_and_verify(job, report, progress)
-        _bench(job, report, progress)
-    finally:
-        if job.work is not None:
-            shutil.rmtree(job.work, ignore_errors=True)
+            progress("load", 0, 1)
+        job = _load(model, output, options, in_place=in_place)
+        try:
+            _keep_reference(job, model)
+            if progress:
+                progress("fold", 0, 1)
+            report = _run_pass(job, overflowed)
+            try:
+                _write_and_verify(job, report, progress)
+            except Exception as exc:
+                found = _deferred_overflow(exc)
+                if found is None or found.key in overflowed:
+                    raise
+                overflowed[found.key] = found.detail
+                continue
+            _bench(job, report, progress)
+        finally:
+            if job.work is not None:
+                shutil.rmtree(job.work, ignore_errors=True)
+        break
     report.timings = job.timings
     return FoldResult(model=_result_model(job), report=report)
+
+
+def _deferred_overflow(exc: BaseException | None) -> DeferredOverflow | None:
+    """The :class:`DeferredOverflow` behind ``exc`` (onnx_ir's serializer wraps what it calls)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, DeferredOverflow):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @dataclass
@@ -263,19 +301,23 @@ def _keep_reference(job: _Job, model: Any) -> None:
     job.reference = str(ref_file)
 
 
-def _run_pass(job: _Job) -> FoldReport:
-    """Run the fold pass in place and start the report."""
+def _run_pass(job: _Job, overflowed: dict[tuple[str, str, str], str]) -> FoldReport:
+    """Run the fold pass in place and start the report. The range check of large folded weights
+    is deferred to their write when the input can be loaded again and something is written."""
     opts = job.options
     nodes_before = _count_nodes(job.ir_model)
     # Decide before folding: folded weights are lazy tensors, no longer ExternalTensors.
     external = opts.external_data
     job.use_external = _io.needs_external_data(job.ir_model) if external is None else external
     t1 = time.perf_counter()
-    decisions = fold_model(
-        job.ir_model,
+    fold_pass = BatchNormFoldPass(
         lower_remaining=opts.lower_remaining,
         duplicate_shared=opts.duplicate_shared,
+        allow_slower_folds=opts.allow_slower_folds,
+        defer_range_check=job.kind != "ir" and (job.out_path is not None or opts.verify),
+        known_overflow=overflowed,
     )
+    decisions = fold_pass(job.ir_model).decisions
     job.timings["fold"] = time.perf_counter() - t1
     if external is None and not job.use_external:
         job.use_external = _io.needs_external_data(job.ir_model)  # the fold may have grown it

@@ -16,6 +16,7 @@ __all__ = [
     "BatchResult",
     "CheckResult",
     "expand_inputs",
+    "dask_executor",
     "fold_many",
     "check_model",
 ]
@@ -23,13 +24,16 @@ __all__ = [
 import contextlib
 import glob
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BnfoldError, UsageError
 from .options import FoldOptions
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 _SKIP_SUFFIXES = (".folded.onnx",)
 
@@ -209,6 +213,15 @@ def _fold_one(task: tuple[str, str | None, FoldOptions, frozenset[Path]]) -> Bat
     return BatchItem(src, dst, report.exit_code, report=report.to_dict())
 
 
+def _warm_worker() -> None:
+    """Pool initializer: import what every fold needs once per worker, not once per model."""
+    import onnx_ir  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    from . import api, io  # noqa: F401
+    from .compare import verify  # noqa: F401
+
+
 def fold_many(
     tasks: Sequence[tuple[Path, Path]],
     *,
@@ -216,12 +229,20 @@ def fold_many(
     options: FoldOptions | None = None,
     on_done: Callable[[BatchItem, int, int], None] | None = None,
     on_running: Callable[[list[str]], None] | None = None,
+    executor: Executor | None = None,
 ) -> BatchResult:
-    """Fold ``[(input, output)]`` with ``jobs`` worker processes; ``on_done(item, done, total)``
-    after each model, ``on_running(inputs)`` with the models in flight whenever that changes
-    (workers take models in order, so these are the first ``jobs`` unfinished ones).
+    """Fold ``[(input, output)]``; ``on_done(item, done, total)`` as each model finishes,
+    ``on_running(inputs)`` with the models in flight whenever that changes (workers take models
+    in order, so these are the first ``jobs`` unfinished ones).
 
-    Every model gets the same ``options`` (a frozen, picklable :class:`FoldOptions`)."""
+    Where the work runs: with ``executor`` (any :class:`concurrent.futures.Executor`: a
+    ``ProcessPoolExecutor``, a Dask ``Client.get_executor()``, ...) every model is one task
+    submitted to it, and the caller owns (and shuts down) the executor; else with ``jobs`` > 1 a
+    spawned process pool, created once for the batch, whose workers import the heavy modules
+    once and then fold model after model; else one by one in this process. Inputs and outputs
+    are paths: every worker must be able to reach them. Every model gets the same ``options``
+    (a frozen, picklable :class:`FoldOptions`); one failing model (or worker) is that model's
+    error, never the batch's."""
     import time
 
     from . import io as _io
@@ -236,7 +257,9 @@ def fold_many(
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     items: list[BatchItem | None] = [None] * len(work)
-    if jobs <= 1 or len(work) <= 1:
+    if executor is not None:
+        _run_on(executor, work, items, on_done, on_running, len(work))
+    elif jobs <= 1 or len(work) <= 1:
         for k, task in enumerate(work):
             if on_running:
                 on_running([task[0]])
@@ -245,31 +268,69 @@ def fold_many(
                 on_done(items[k], k + 1, len(work))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: ONNX Runtime's thread pools do not survive a fork.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_fold_one, task): k for k, task in enumerate(work)}
-            unfinished = list(range(len(work)))
-            if on_running:
-                on_running([work[i][0] for i in unfinished[:jobs]])
-            for done, future in enumerate(as_completed(futures), start=1):
-                k = futures[future]
-                unfinished.remove(k)
-                if on_running and unfinished:
-                    on_running([work[i][0] for i in unfinished[:jobs]])
-                try:
-                    items[k] = future.result()
-                except (
-                    Exception
-                ) as exc:  # a crashed worker is that model's failure, not the batch's
-                    items[k] = BatchItem(work[k][0], work[k][1], 3, error=f"worker failed: {exc}")
-                if on_done:
-                    on_done(items[k], done, len(work))
+        workers = min(jobs, len(work))
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_warm_worker) as pool:
+            _run_on(pool, work, items, on_done, on_running, workers)
     return BatchResult(
         items=[i for i in items if i is not None], seconds=time.perf_counter() - started, jobs=jobs
     )
+
+
+def _run_on(
+    executor: Executor,
+    work: list[tuple[str, str, FoldOptions, frozenset[Path]]],
+    items: list[BatchItem | None],
+    on_done: Callable[[BatchItem, int, int], None] | None,
+    on_running: Callable[[list[str]], None] | None = None,
+    slots: int = 1,
+) -> None:
+    """Submit every task to ``executor``; fill ``items`` in input order as they complete.
+    ``on_running`` gets the first ``slots`` unfinished inputs (workers take models in order)."""
+    from concurrent.futures import as_completed
+
+    futures = {executor.submit(_fold_one, task): k for k, task in enumerate(work)}
+    unfinished = list(range(len(work)))
+    if on_running:
+        on_running([work[i][0] for i in unfinished[:slots]])
+    for done, future in enumerate(as_completed(futures), start=1):
+        k = futures[future]
+        unfinished.remove(k)
+        if on_running and unfinished:
+            on_running([work[i][0] for i in unfinished[:slots]])
+        try:
+            items[k] = future.result()
+        except Exception as exc:  # a crashed worker is that model's failure, not the batch's
+            detail = str(exc) or type(exc).__name__
+            items[k] = BatchItem(work[k][0], work[k][1], 3, error=f"worker failed: {detail}")
+        if on_done:
+            on_done(items[k], done, len(work))
+
+
+@contextlib.contextmanager
+def dask_executor(address: str, *, timeout: float = 30.0) -> Iterator[tuple[Executor, int]]:
+    """``(executor, workers)`` for a Dask distributed scheduler at ``address`` (``tcp://host:port``)
+    while the block runs; the client is closed after it. Needs the optional ``bnfold[dask]``
+    extra. Refuses (:class:`UsageError`, exit 2) when Dask is missing or the scheduler cannot be
+    reached within ``timeout`` seconds."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise UsageError("--scheduler needs Dask distributed: pip install 'bnfold[dask]'") from None
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: {detail}") from None
+    try:
+        workers = max(1, sum(client.nthreads().values()))
+        # pure=False: two identical tasks (the same model twice) are still two runs.
+        yield client.get_executor(pure=False), workers
+    finally:
+        client.close()
 
 
 @dataclass

@@ -24,13 +24,14 @@ def inspect_model(
     *,
     lower_remaining: bool = False,
     duplicate_shared: bool = False,
+    allow_slower_folds: bool = False,
 ) -> FoldReport:
     """Decide every BatchNormalization of ``model`` as :func:`bnfold.fold` would, and report it.
 
     Args:
         model: a path to an ``.onnx`` file, an ``onnx.ModelProto`` or an ``onnx_ir.Model``; none of
             them is modified, and nothing is written.
-        lower_remaining, duplicate_shared: the options of :func:`bnfold.fold`.
+        lower_remaining, duplicate_shared, allow_slower_folds: the options of :func:`bnfold.fold`.
 
     Returns:
         A :class:`~bnfold.report.FoldReport` with one decision per BatchNormalization (and per
@@ -53,7 +54,9 @@ def inspect_model(
     t1 = time.perf_counter()
     nodes_before = _count_nodes(ir_model)
     fold_pass = BatchNormFoldPass(
-        lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
+        lower_remaining=lower_remaining,
+        duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
     )
     fold_pass(ir_model)
     t2 = time.perf_counter()

@@ -33,6 +33,7 @@ FLAG_NAMES = {
     "external_data": "--external-data/--no-external-data",
     "lower_remaining": "--lower-remaining",
     "duplicate_shared": "--duplicate-shared",
+    "allow_slower_folds": "--allow-slower-folds",
     "bench": "--bench",
     "trust_pickle": "--trust-pickle",
     "opset": "opset",
@@ -55,6 +56,9 @@ class FoldOptions:
             input had it or the output would exceed 2 GB.
         lower_remaining: rewrite every BatchNormalization that stays into ``Mul`` + ``Add``.
         duplicate_shared: fold into a copy of a producer whose output also feeds other nodes.
+        allow_slower_folds: also make forward folds that the cost rule expects to slow the model
+            down at ONNX Runtime's default level (a padded Conv's border-correction ``Add``
+            larger than the BN it replaces); kept by default with reason ``slower_fold``.
         bench: after a verified write, time the original against the folded model under ONNX
             Runtime (for a PyTorch input, the unfolded export against the folded model).
         trust_pickle: PyTorch input: allow unpickling a whole ``nn.Module`` (runs code from the
@@ -71,6 +75,7 @@ class FoldOptions:
     external_data: bool | None = None
     lower_remaining: bool = False
     duplicate_shared: bool = False
+    allow_slower_folds: bool = False
     bench: bool = False
     trust_pickle: bool = False
     opset: int = 17

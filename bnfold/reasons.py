@@ -45,6 +45,7 @@ class SkipReason(str, enum.Enum):
     PADDED_CONSUMER = "padded_consumer"
     NON_POSITIVE_SCALE = "non_positive_scale"
     UNKNOWN_SHAPE = "unknown_shape"
+    SLOWER_FOLD = "slower_fold"
 
     @property
     def explanation(self) -> str:
@@ -77,6 +78,7 @@ _EXPLANATIONS = {
     SkipReason.PADDED_CONSUMER: "forward fold: the next Conv pads with zeros (or an AveragePool counts its padding), which the BN's shift would move, and the border cannot be compensated (unknown spatial size, or too large a correction)",
     SkipReason.NON_POSITIVE_SCALE: "forward fold through MaxPool: max commutes with the BN only where its scale is > 0",
     SkipReason.UNKNOWN_SHAPE: "forward fold: the static shape it needs (e.g. the size flattened before a Gemm) is unknown",
+    SkipReason.SLOWER_FOLD: "kept for cost: the forward fold needs a border-correction Add into a padded Conv, which would make the model slower under ONNX Runtime's default optimizations (force it with --allow-slower-folds)",
 }
 
 

@@ -426,7 +426,7 @@ def test_fold_bench_adds_the_comparison(tmp_path):
 def test_inspect_is_a_dry_run(tmp_path):
     model = tmp_path / "k.onnx"
     shutil.copy(SAMPLES / "keras_style.onnx", model)
-    result = invoke("inspect", model, "--json", "-")
+    result = invoke("inspect", model, "--allow-slower-folds", "--json", "-")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [b["direction"] for b in report["batchnorms"]] == ["forward", "forward"]
@@ -448,3 +448,19 @@ def test_fold_lower_remaining_removes_every_batchnorm(tmp_path):
     assert [(b["status"], b["direction"]) for b in report["batchnorms"]] == [("kept", "lowered")]
     assert report["verification"]["passed"] is True
     assert not [n for n in onnx.load(str(out)).graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_allow_slower_folds_flag(tmp_path):
+    # keras_style's first BN folds forward only through a border-correction Add: kept for cost by
+    # default (reason slower_fold), folded with --allow-slower-folds.
+    model = SAMPLES / "keras_style.onnx"
+    runs = {}
+    for flags in ((), ("--allow-slower-folds",)):
+        out = tmp_path / f"o{len(flags)}.onnx"
+        result = invoke("fold", model, "-o", out, "--no-verify", "--json", "-", "-q", *flags)
+        assert result.exit_code == 0, result.output
+        runs[flags] = json.loads(result.stdout)
+    default, forced = runs[()], runs[("--allow-slower-folds",)]
+    assert default["totals"] == {"batchnorms": 2, "folded": 1, "kept": 1}
+    assert default["batchnorms"][0]["reason"] == "slower_fold"
+    assert forced["totals"] == {"batchnorms": 2, "folded": 2, "kept": 0}

@@ -221,7 +221,9 @@ def test_export_folds_completely(name, exporter):
     want = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert n_bn == want, "the exporter kept every BN"
 
-    result = fold_checked(proto)
+    # Forcing the folds the cost rule would keep (keras_style's padded Conv): this test is about
+    # what the exporters emit, every BN must be foldable.
+    result = fold_checked(proto, allow_slower_folds=True)
 
     assert len(result.decisions) == n_bn and not result.report.kept, [
         (d.name, d.reason, d.detail) for d in result.report.kept

@@ -160,7 +160,7 @@ def test_inspect_path_writes_nothing(tmp_path):
     src.write_bytes((SAMPLES / "keras_style.onnx").read_bytes())
     before = src.read_bytes()
 
-    report = inspect_model(src)
+    report = inspect_model(src, allow_slower_folds=True)
 
     assert src.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [
         "keras_style.onnx"

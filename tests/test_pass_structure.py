@@ -69,7 +69,14 @@ def test_a_reused_pass_holds_no_per_run_state():
         (True, "backward", "Conv")
     ]
     # Options, and the last run's decisions (plain data) for compatibility; nothing else.
-    assert set(vars(fold_pass)) == {"lower_remaining", "duplicate_shared", "decisions"}
+    assert set(vars(fold_pass)) == {
+        "lower_remaining",
+        "duplicate_shared",
+        "allow_slower_folds",
+        "defer_range_check",
+        "known_overflow",
+        "decisions",
+    }
     assert fold_pass.lower_remaining is True and fold_pass.duplicate_shared is False
     assert fold_pass.decisions == second.decisions
     assert fold_pass.decisions is not second.decisions

@@ -192,7 +192,7 @@ def test_nested_if_in_loop_forward_fold():
     )
     feeds = {"M": np.array(2, np.int64), "cond": np.array(True), "S0": randn(2, 4, 5, 5, seed=5)}
 
-    result = assert_folded(model, "forward", feeds=feeds)
+    result = assert_folded(model, "forward", feeds=feeds, allow_slower_folds=True)
 
     assert result.decisions[0].graph.endswith("then_branch")
     assert [n.op_type for n in all_nodes(result.model) if n.op_type in ("Conv", "Add")] == [

@@ -23,7 +23,7 @@ import typer
 try:  # recent typer vendors click as typer._click; older releases use click itself
     from typer._click.exceptions import ClickException, UsageError
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click.exceptions import ClickException, UsageError  # type: ignore[no-redef]
+    from click.exceptions import ClickException, UsageError
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 

@@ -168,6 +168,18 @@ JobsOpt = Annotated[
         help="Worker processes for several models.",
     ),
 ]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        envvar="BNFOLD_SCHEDULER",
+        metavar="ADDRESS",
+        help="Fold several models on a Dask distributed cluster: the scheduler's address, e.g. "
+        "tcp://host:8786 (needs bnfold[dask]). Inputs and outputs must be paths every worker can "
+        "reach.",
+        show_default=False,
+    ),
+]
 VerifyOpt = Annotated[
     bool,
     typer.Option(
@@ -213,6 +225,15 @@ DuplicateSharedOpt = Annotated[
     typer.Option(
         "--duplicate-shared",
         help="Where a producer's output also feeds other nodes, fold into a copy of the producer (costs compute; stated in the report).",
+    ),
+]
+AllowSlowerFoldsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-slower-folds",
+        help="Also fold a BN whose forward fold needs a border-correction Add that is expected to "
+        "make the model slower at ONNX Runtime's default optimization level (kept by default, "
+        "reason slower_fold).",
     ),
 ]
 TrustPickleOpt = Annotated[

@@ -185,12 +185,14 @@ def fold_conv(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> 
         if is_t
         else (lambda: channel_absmax(w.load, 0, cout))
     )
+    rows = None
     if is_t:
         formula = lambda a: numerics.fold_conv_transpose(a, s, group)  # noqa: E731
     else:
         formula = lambda a: numerics.fold_conv(a, s)  # noqa: E731
+        rows = lambda a, sl: numerics.fold_conv(a, s[sl])  # noqa: E731 - output rows
     install = lazy_fold(
-        ctx, node, 1, w, formula, lambda: absmax() * np.abs(s), f"{node.op_type} weight"
+        ctx, node, 1, w, formula, lambda: absmax() * np.abs(s), f"{node.op_type} weight", rows
     )
     bias64 = numerics.fold_bias(b.load64() if b is not None else None, s, t)
     bias_dtype = b.dtype if b is not None else w.dtype
@@ -236,6 +238,7 @@ def fold_gemm(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> 
         lambda a: numerics.fold_gemm_b(a, s, trans_b=trans_b),
         lambda: channel_absmax(bw.load, 0 if trans_b else 1, n) * np.abs(s),
         "Gemm B",
+        (lambda a, sl: numerics.fold_gemm_b(a, s[sl], trans_b=True)) if trans_b else None,
     )
     c64 = numerics.fold_gemm_c(c.load64() if c else None, s, t, beta=beta)
     c_dtype = c.dtype if c is not None else bw.dtype

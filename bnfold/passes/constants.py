@@ -51,6 +51,8 @@ class Const:
     load: Callable[[], np.ndarray]
     load64: Callable[[], np.ndarray]
     release: Callable[[], None] = lambda: None
+    #: ``load64()`` is ``load()`` in float64 (False for a folded weight: it keeps unrounded values).
+    exact_load: bool = True
 
 
 def computed(
@@ -133,7 +135,13 @@ def _refuse_graph_input(ctx: FoldContext, value: ir.Value, what: str, weight: bo
 
 def tensor_const(tensor: ir.TensorProtocol) -> Const:
     if isinstance(tensor, FoldedTensor):
-        return Const(tensor.dtype, tuple(tensor.shape.numpy()), tensor.numpy, tensor.compute64)
+        return Const(
+            tensor.dtype,
+            tuple(tensor.shape.numpy()),
+            tensor.numpy,
+            tensor.compute64,
+            exact_load=False,
+        )
     return Const(
         tensor.dtype,
         tuple(tensor.shape.numpy()),

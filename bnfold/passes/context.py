@@ -52,10 +52,25 @@ class FoldContext:
     #: ids of the nodes of every lowered-BN chain already decided (each is reported once).
     affine_seen: set[int] = field(default_factory=set)
     modified: bool = False
+    #: Make forward folds the cost rule expects to slow the model down (``slower_fold``).
+    allow_slower_folds: bool = False
+    #: Check a large folded weight's range when it is written, not up front (see ``weights``).
+    defer_range_check: bool = False
+    #: (graph label, BN label, what) → detail: folds that overflowed when written in an earlier run.
+    known_overflow: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    #: (graph label, BN label) of the BN being decided.
+    current_bn: tuple[str, str] | None = None
 
     @classmethod
     def create(
-        cls, model: ir.Model, *, lower_remaining: bool, duplicate_shared: bool
+        cls,
+        model: ir.Model,
+        *,
+        lower_remaining: bool,
+        duplicate_shared: bool,
+        allow_slower_folds: bool = False,
+        defer_range_check: bool = False,
+        known_overflow: dict[tuple[str, str, str], str] | None = None,
     ) -> FoldContext:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         ctx = cls(
@@ -65,6 +80,9 @@ class FoldContext:
             model_opset=opset,
             opset=opset,
             names=_all_names(model),
+            allow_slower_folds=allow_slower_folds,
+            defer_range_check=defer_range_check,
+            known_overflow=dict(known_overflow or {}),
         )
         ctx.scopes.update((id(g), label) for g, label in walk_graphs(model.graph))
         for fn in model.functions.values():

@@ -69,16 +69,33 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
     :class:`~bnfold.passes.context.FoldContext`, so a pass can be reused and shared.
     """
 
-    def __init__(self, *, lower_remaining: bool = False, duplicate_shared: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        lower_remaining: bool = False,
+        duplicate_shared: bool = False,
+        allow_slower_folds: bool = False,
+        defer_range_check: bool = False,
+        known_overflow: dict[tuple[str, str, str], str] | None = None,
+    ) -> None:
         super().__init__()
         self.lower_remaining = lower_remaining
         self.duplicate_shared = duplicate_shared
+        self.allow_slower_folds = allow_slower_folds
+        #: For a writer that can fold again: see :mod:`bnfold.passes.weights`.
+        self.defer_range_check = defer_range_check
+        self.known_overflow = dict(known_overflow or {})
         #: The last run's decisions (compatibility: prefer ``FoldPassResult.decisions``).
         self.decisions: list[BNDecision] = []
 
     def call(self, model: ir.Model) -> FoldPassResult:
         ctx = FoldContext.create(
-            model, lower_remaining=self.lower_remaining, duplicate_shared=self.duplicate_shared
+            model,
+            lower_remaining=self.lower_remaining,
+            duplicate_shared=self.duplicate_shared,
+            allow_slower_folds=self.allow_slower_folds,
+            defer_range_check=self.defer_range_check,
+            known_overflow=self.known_overflow,
         )
         _process_tree(ctx, model.graph)
         for fn in model.functions.values():
@@ -106,6 +123,7 @@ def _process(ctx: FoldContext, graph: ir.Graph) -> None:
             continue  # removed by an earlier fold
         if is_bn(node):
             decision, affine = _decide(ctx, node, scope)
+            ctx.current_bn = None
             ctx.decisions.append(decision)
             logger.debug("%s: %s %s", decision.name, decision.status, decision.detail)
             if affine is not None and ctx.lower_remaining:
@@ -126,6 +144,7 @@ def _decide(
 
     Returns the decision and, for a kept BN whose affine map is known, (s, t) for lowering.
     """
+    ctx.current_bn = (scope, node_label(bn))
     try:
         s, t = bn_affine(ctx, bn)
     except Refusal as refusal:

@@ -59,6 +59,8 @@ def fold_forward(
     vec = Vec(s, t, features=False, channels=s.shape[0])
     plans: list[Plan] = []
     plan_forward(ctx, y, vec, bn.graph, plans, [])
+    if not ctx.allow_slower_folds:
+        _check_cost(ctx, x, plans)
     details = [plan.apply() for plan in plans]
     y.replace_all_uses_with(x)
     remove_nodes(ctx, [bn], keep=x)
@@ -71,6 +73,34 @@ def fold_forward(
         target_op=", ".join(sorted({p.node.op_type for p in plans})),
         detail="; ".join(details),
         graph=scope,
+    )
+
+
+#: The cost rule (measured; README "Never slower"): a forward fold that must add border-correction
+#: ``Add`` nodes is kept unless those Adds touch at most this fraction of the elements the removed BN
+#: touches. At ONNX Runtime's default level the BN after an activation is one cheap elementwise
+#: kernel, while the correction Add is a full [1, Cout, H', W'] tensor that is not fused into the
+#: Conv and sits between the Conv and whatever ORT would have fused with it.
+MAX_ADDED_FRACTION = 0.0
+
+
+def _check_cost(ctx: FoldContext, x: ir.Value, plans: list[Plan]) -> None:
+    """Refuse (``slower_fold``) a fold whose correction Adds cost more than the BN it removes."""
+    added = sum(p.added_elements for p in plans)
+    if added == 0:
+        return
+    dims = shape_of(ctx, x)
+    known = dims is not None and all(d is not None for d in dims[1:])
+    bn_elements = int(np.prod(dims[1:], dtype=np.int64)) if known else None
+    if bn_elements is not None and added <= MAX_ADDED_FRACTION * bn_elements:
+        return
+    adds = [p for p in plans if p.added_elements]
+    where = ", ".join(f"Conv {node_label(p.node)}" for p in adds)
+    raise Refusal(
+        SkipReason.SLOWER_FOLD,
+        f"kept for cost: folding needs a border-correction Add of {added} elements per sample "
+        f"after {where}, against the BN's {bn_elements if bn_elements is not None else 'unknown'} "
+        "(measured slower at ONNX Runtime level 'all'); --allow-slower-folds folds it",
     )
 
 

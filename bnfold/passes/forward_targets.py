@@ -73,6 +73,8 @@ class Plan:
 
     node: ir.Node
     apply: Callable[[], str]
+    #: Elements per sample of the border-correction ``Add`` the fold creates (0: none).
+    added_elements: int = 0
 
 
 def plan_conv(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec, via: str) -> Plan:
@@ -141,7 +143,7 @@ def plan_conv(ctx: FoldContext, node: ir.Node, value: ir.Value, vec: Vec, via: s
             how += "; pads unaffected (the shift is zero where it matters)"
         return how
 
-    return Plan(node, apply)
+    return Plan(node, apply, added_elements=corr_arr.size if corr_arr is not None else 0)
 
 
 @dataclass

@@ -296,6 +296,7 @@ def _fold_export(
         verify=False,
         lower_remaining=opts.lower_remaining,
         duplicate_shared=opts.duplicate_shared,
+        allow_slower_folds=opts.allow_slower_folds,
     )
     folded = fold_with(exported, None, fold_opts)
     report = folded.report

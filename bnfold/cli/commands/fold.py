@@ -18,6 +18,7 @@ from bnfold.cli._shared import (
     write_markdown,
 )
 from bnfold.cli.options import (
+    AllowSlowerFoldsOpt,
     AtolOpt,
     BenchOpt,
     DuplicateSharedOpt,
@@ -32,6 +33,7 @@ from bnfold.cli.options import (
     OutputOpt,
     QuietOpt,
     RtolOpt,
+    SchedulerOpt,
     SeedOpt,
     StrictOpt,
     TrustPickleOpt,
@@ -54,6 +56,7 @@ def fold(
     output_dir: OutputDirOpt = None,
     in_place: InPlaceOpt = False,
     jobs: JobsOpt = 1,
+    scheduler: SchedulerOpt = None,
     verify: VerifyOpt = True,
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
@@ -64,6 +67,7 @@ def fold(
     external_data: ExternalDataOpt = None,
     lower_remaining: LowerRemainingOpt = False,
     duplicate_shared: DuplicateSharedOpt = False,
+    allow_slower_folds: AllowSlowerFoldsOpt = False,
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
@@ -72,7 +76,7 @@ def fold(
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL(s) and write the folded model(s).
 
-    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original (skip that with --no-verify) and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
+    Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one, by --jobs local worker processes, or on a Dask cluster (--scheduler); one failing model does not stop the others.
 
     Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error. With several models: the worst of them.
     """
@@ -90,6 +94,7 @@ def fold(
         external_data=external_data,
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
+        allow_slower_folds=allow_slower_folds,
         bench=bench,
         trust_pickle=trust_pickle,
     )
@@ -108,10 +113,20 @@ def fold(
     out = _Output(console, json_out, markdown, verbose, quiet)
     if in_place:
         _fold_in_place([src for src, _ in inputs], options, out, output, output_dir)
-    if single:
+    if scheduler is None and single:
         model = inputs[0][0]
         _fold_one(model, output if output is not None else default_output(model), options, out)
-    _fold_batch(_batch_tasks(inputs, output_dir), jobs, options, out)
+    if single:  # one model sent to a cluster: a batch of one
+        tasks = [(inputs[0][0], output if output is not None else default_output(inputs[0][0]))]
+    else:
+        tasks = _batch_tasks(inputs, output_dir)
+    if scheduler is None:
+        _fold_batch(tasks, jobs, options, out)
+        return
+    from bnfold.batch import dask_executor
+
+    with dask_executor(scheduler) as (executor, workers):
+        _fold_batch(tasks, workers, options, out, executor=executor)
 
 
 def _refuse_output_name(model: Path, output: Path) -> None:
@@ -192,7 +207,11 @@ def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> 
 
 
 def _fold_batch(
-    tasks: list[tuple[Path, Path]], jobs: int, options: FoldOptions, out: _Output
+    tasks: list[tuple[Path, Path]],
+    jobs: int,
+    options: FoldOptions,
+    out: _Output,
+    executor: Any = None,
 ) -> None:
     """Fold several models; a summary table at the end; exit with the worst result."""
     from bnfold.batch import fold_many
@@ -219,7 +238,12 @@ def _fold_batch(
 
     try:
         result = fold_many(
-            tasks, jobs=jobs, options=options, on_done=on_done, on_running=on_running
+            tasks,
+            jobs=jobs,
+            options=options,
+            on_done=on_done,
+            on_running=on_running,
+            executor=executor,
         )
     finally:
         if bar is not None:

@@ -37,6 +37,9 @@ def inspect(
     ] = False,
     input_shape: InputShapeOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    allow_slower_folds: Annotated[
+        bool, typer.Option("--allow-slower-folds", help="As in 'bnfold fold'.")
+    ] = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
 ) -> None:
@@ -55,7 +58,10 @@ def inspect(
     shapes = parse_input_shapes(input_shape or [])
     with as_onnx(model, input_shapes=shapes or None, trust_pickle=trust_pickle) as onnx_path:
         report = inspect_model(
-            onnx_path, lower_remaining=lower_remaining, duplicate_shared=duplicate_shared
+            onnx_path,
+            lower_remaining=lower_remaining,
+            duplicate_shared=duplicate_shared,
+            allow_slower_folds=allow_slower_folds,
         )
     report.input = str(model)
     if json_out:
