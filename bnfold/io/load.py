@@ -131,9 +131,9 @@ def external_data_files(model: ir.Model) -> set[Path]:
             t = v.const_value
             if isinstance(t, ir.ExternalTensor):
                 files.add(Path(t.path).resolve())
-    for _node, _name, t in _attribute_tensors(model):
-        if isinstance(t, ir.ExternalTensor):
-            files.add(Path(t.path).resolve())
+    for _node, _name, value in _attribute_tensors(model):
+        if isinstance(value, ir.ExternalTensor):
+            files.add(Path(value.path).resolve())
     return files
 
 

@@ -24,7 +24,7 @@ def _attribute_data_inline(model: ir.Model) -> Iterator[None]:
     """While writing: node-attribute tensors (``Constant`` values, in every graph, subgraph and
     function) that live in external data are carried inline, so the output never points at the
     input's data file (which is not copied). The model is restored afterwards."""
-    originals: list[tuple[ir.Node, str, object]] = []
+    originals: list[tuple[ir.Node, str, ir.Attr]] = []
     try:
         for node in list(_all_nodes(model)):
             for name, attr in list(node.attributes.items()):
