@@ -195,6 +195,50 @@ def test_external_output_round_trips(tmp_path):
     onnx.checker.check_model(str(final), full_check=True)
 
 
+def test_commit_steps_are_looked_up_on_the_package(tmp_path, monkeypatch):
+    """``bnfold.io`` is a package: replacing a commit step on it (as the crash test's KILL_INSIDE
+    hook does) must change what ``StagedOutput.commit`` runs, in the protocol's order."""
+    model = bio.load(SAMPLES / "cnn1d.onnx")
+    final = tmp_path / "out.onnx"
+    calls: list[str] = []
+    for _ in range(2):  # the second commit replaces the first and removes its data
+        with bio.StagedOutput(final) as staged:
+            staged.write(model, external=True)
+            calls.clear()
+            for name in ("_publish_data", "_replace_model", "_remove_files"):
+                real = getattr(bio, name)
+
+                def step(*args, _real=real, _name=name):
+                    calls.append(_name)
+                    return _real(*args)
+
+                monkeypatch.setattr(bio, name, step)
+            staged.commit()
+            monkeypatch.undo()
+    assert calls == ["_publish_data", "_replace_model", "_remove_files"]
+    onnx.checker.check_model(str(final), full_check=True)
+    data = [p.name for p in tmp_path.iterdir() if p.name.endswith(".data")]
+    assert len(data) == 1, data  # the first commit's data was removed by the second
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *bio.__all__,
+        "from_bytes",
+        "needs_external_data",
+        "save_ir_to",
+        "save_proto_to",
+        "_publish_data",
+        "_replace_model",
+        "_remove_files",
+        "_iter_tensor_protos",
+    ],
+)
+def test_every_name_other_modules_use_is_on_the_package(name):
+    assert getattr(bio, name) is not None
+
+
 def test_from_proto_does_not_modify_the_proto():
     proto = onnx.load(str(SAMPLES / "cnn1d.onnx"))
     before = proto.SerializeToString()
