@@ -29,8 +29,10 @@ from bnfold.reasons import Refusal, SkipReason
 from bnfold.report import BNDecision
 
 from .common import FLOAT_DTYPES, STD, attr, bias_name, is_constish, node_label, op_name, rank
+from .concat import check_concat, fold_concat
 from .constants import Const, weight
 from .context import FoldContext
+from .flattened import check_flattened, fold_flattened
 from .rewiring import append_add, bypass, duplicate, set_input
 from .shapes import rank_of
 from .weights import Install, channel_absmax, conv_transpose_absmax, eager, lazy_fold
@@ -61,6 +63,8 @@ def fold_backward(
         raise Refusal(
             SkipReason.UNSUPPORTED_PRODUCER, f"input comes from {op} {node_label(producer)}"
         )
+    if op in PRECHECKS:  # a producer that can never take the fold says so before any sharing
+        PRECHECKS[op](ctx, producer)
     ctx.undo.clear()
     try:
         producer, copied = _private_producer(ctx, bn, producer)
@@ -107,6 +111,31 @@ def _private_producer(ctx: FoldContext, bn: ir.Node, producer: ir.Node) -> tuple
 
 def fold_conv(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> Folded:
     """Conv and ConvTranspose: scale the weight along the output channels; fold the bias."""
+    install, how = prepare_conv(ctx, node, s, t)
+    install()
+    return node, how, node.outputs[0]
+
+
+def conv_channels(ctx: FoldContext, node: ir.Node) -> int:
+    """The number of output channels of a Conv/ConvTranspose, read from its constant weight."""
+    w = weight(ctx, node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} weight")
+    if len(w.shape) < 3:
+        raise Refusal(SkipReason.SHAPE_MISMATCH, f"{node.op_type} weight has rank {len(w.shape)}")
+    if node.op_type != "ConvTranspose":
+        return w.shape[0]
+    group = int(attr(node, "group", 1))
+    if group < 1 or w.shape[0] % group:
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH, f"weight {list(w.shape)} does not fit group={group}"
+        )
+    return w.shape[1] * group
+
+
+def prepare_conv(
+    ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray
+) -> tuple[Install, str]:
+    """Check the fold of (s, t) into a Conv/ConvTranspose (refusing changes nothing); return the
+    step that installs the folded weight and bias, and what it does."""
     is_t = node.op_type == "ConvTranspose"
     w = weight(ctx, node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} weight")
     if len(w.shape) < 3:
@@ -150,11 +179,14 @@ def fold_conv(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> 
     bias64 = numerics.fold_bias(b.load64() if b is not None else None, s, t)
     bias_dtype = b.dtype if b is not None else w.dtype
     bias_arr = numerics.round_to(bias64, FLOAT_DTYPES[bias_dtype], f"{node.op_type} bias")
-    install()
-    new_bias = eager(ctx, bias_arr, bias_dtype, bias64, bias_name(bias_v, node, "conv"))
-    set_input(ctx, node, 2, new_bias)
+
+    def install_all() -> None:
+        install()
+        new_bias = eager(ctx, bias_arr, bias_dtype, bias64, bias_name(bias_v, node, "conv"))
+        set_input(ctx, node, 2, new_bias)
+
     created = "bias created" if b is None else "bias updated"
-    return node, f"weight scaled along {axis_desc}; {created}", node.outputs[0]
+    return install_all, f"weight scaled along {axis_desc}; {created}"
 
 
 def gemm_operands(
@@ -310,11 +342,39 @@ def _is_matmul_output(v: ir.Value | None, add: ir.Node) -> bool:
     return p is not None and p.op_type == "MatMul" and p.domain in STD and p.graph is add.graph
 
 
-#: The backward fold for each producer op (an Add is tried as the bias of a MatMul).
+def check_add(ctx: FoldContext, add: ir.Node) -> None:
+    """An Add folds only as the bias Add of a MatMul; a sum of two computed values (a residual
+    connection) is no foldable producer, whoever else reads it."""
+    del ctx
+    if not any(_is_matmul_output(v, add) for v in add.inputs):
+        parts = []
+        for v in add.inputs:
+            p = v.producer() if v is not None else None
+            parts.append("a graph input or constant" if p is None else f"{op_name(p)}")
+        raise Refusal(
+            SkipReason.UNSUPPORTED_PRODUCER,
+            f"input comes from Add {node_label(add)} of {' and '.join(parts)}: "
+            "an Add is a foldable producer only as the bias of a MatMul",
+        )
+
+
+#: The backward fold for each producer op (an Add is tried as the bias of a MatMul; a Concat of
+#: Convs is split by channels; a Reshape/Flatten merging leading axes is folded through).
 HANDLERS: dict[str, Handler] = {
     "Conv": fold_conv,
     "ConvTranspose": fold_conv,
     "Gemm": fold_gemm,
     "MatMul": fold_matmul,
     "Add": fold_matmul_add,
+    "Concat": fold_concat,
+    "Reshape": fold_flattened,
+    "Flatten": fold_flattened,
+}
+#: Checks run before the producer's output is checked for other readers: a producer these refuse
+#: can never take the fold, and the reason says so (not "its output is shared").
+PRECHECKS: dict[str, Callable[[FoldContext, ir.Node], None]] = {
+    "Add": check_add,
+    "Concat": check_concat,
+    "Reshape": check_flattened,
+    "Flatten": check_flattened,
 }
