@@ -322,3 +322,78 @@ def test_bn_after_residual_add_is_an_unsupported_producer(shared):
 
     detail = result.decisions[0].detail
     assert "Add" in detail and "bias of a MatMul" in detail, detail
+
+
+# ================================================================= RepVGG / MobileOne identity branch
+def _repvgg(k3: str = "pads = [1, 1, 1, 1]", group: int = 1, shared: bool = False):
+    """``relu(conv3x3(x) + conv1x1(x) + BN(x))`` with x = relu(X): RepVGG's training-time block."""
+    p = bn_params(4, seed=21)
+    extra = ", float[1,4,6,6] Z" if shared else ""
+    return model_from_text(
+        f"""{H17}
+        g (float[1,4,6,6] X) => (float[1,4,6,6] Y{extra}) {{
+            x = Relu (X)
+            a = Conv <{k3}, group = {group}> (x, W3, b3)
+            c = Conv (x, W1)
+            s1 = Add (a, c)
+            n = BatchNormalization (x, scale, B, mean, var)
+            s2 = Add (s1, n)
+            Y = Relu (s2)
+            {"Z = Neg (a)" if shared else ""}
+        }}""",
+        {
+            "W3": randn(4, 4 // group, 3, 3, seed=22),
+            "b3": randn(4, seed=23),
+            "W1": randn(4, 4, 1, 1),
+            **p,
+        },
+    )
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_identity_branch_bn_folds_into_a_sibling_conv(group):
+    model = _repvgg(group=group)
+
+    result = assert_folded(model, "branch")
+
+    assert ops(result.model) == ["Relu", "Conv", "Conv", "Add", "Relu"], ops(result.model)
+    d = result.decisions[0]
+    assert d.target_op == "Conv"
+    w3 = randn(4, 4 // group, 3, 3, seed=22)
+    p = bn_params(4, seed=21)
+    s = p["scale"] / np.sqrt(p["var"].astype(np.float64) + 1e-5)
+    new = [v for v in const_values(result.model).values() if v.shape == w3.shape]
+    changed = [v for v in new if not np.array_equal(v, w3)]
+    assert len(changed) == 1
+    delta = changed[0].astype(np.float64) - w3
+    for c in range(4):  # only the centre tap of channel c's own input changed, by s[c]
+        np.testing.assert_allclose(delta[c, c % (4 // group), 1, 1], s[c], rtol=1e-6)
+        delta[c, c % (4 // group), 1, 1] = 0
+    assert np.abs(delta).max() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "k3",
+    [
+        "pads = [1, 1, 1, 1], strides = [2, 2]",
+        "pads = [0, 0, 0, 0]",
+    ],
+)
+def test_identity_branch_without_a_same_size_conv_keeps_the_bn(k3):
+    # The 1x1 Conv (pads 0, stride 1) is itself a valid sibling: make it strided out of the way too.
+    model = _repvgg(k3=k3)
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[1] == "W1":
+            node.attribute.append(onnx.helper.make_attribute("dilations", [2, 2]))
+
+    result = assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER, run=None, check=False)
+
+    assert "identity branch" in result.decisions[0].detail, result.decisions[0].detail
+
+
+def test_identity_branch_with_a_shared_sibling_uses_the_other_conv():
+    model = _repvgg(shared=True)
+
+    result = assert_folded(model, "branch")
+
+    assert "<Conv → c>" in result.decisions[0].target

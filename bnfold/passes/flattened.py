@@ -65,9 +65,6 @@ def fold_flattened(
     """Fold (s, t) through ``node`` (Reshape/Flatten to [M, N]) into the MatMul before it."""
     check_flattened(ctx, node)
     mm, add = _source(node)
-    _check_merges_leading(ctx, node, s.shape[0])
-    copied = _private(ctx, mm, add, node)
-    mm, add = _source(node)
     a, b = mm.inputs[0], mm.inputs[1] if len(mm.inputs) > 1 else None
     try:
         w = weight(ctx, b, "MatMul weight")
@@ -78,12 +75,17 @@ def fold_flattened(
                 "MatMul's constant is its first input; the BN channel axis is its second's",
             ) from None
         raise
-    if len(w.shape) != 2 or w.shape[1] != s.shape[0]:
+    if len(w.shape) != 2:
         raise Refusal(
-            SkipReason.SHAPE_MISMATCH,
-            f"BN has {s.shape[0]} channels, MatMul weight has shape {list(w.shape)} (expected [K, N])",
+            SkipReason.UNSUPPORTED_LAYOUT,
+            f"MatMul weight has shape {list(w.shape)}, expected [K, N]",
         )
     n = w.shape[1]
+    _check_merges_leading(ctx, node, n)
+    if s.shape[0] != n:
+        raise Refusal(SkipReason.SHAPE_MISMATCH, f"BN has {s.shape[0]} channels, MatMul N={n}")
+    copied = _private(ctx, mm, add, node)
+    mm, add = _source(node)
     install = lazy_fold(
         ctx,
         mm,
