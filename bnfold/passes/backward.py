@@ -11,6 +11,12 @@ Cases, one function each (:data:`HANDLERS`):
 4. ``MatMul`` with a constant [K, N] weight and a 2-D input: the weight's columns are scaled and an
    ``Add`` of the shift is created (none when the shift is zero).
 5. ``MatMul`` followed by ``Add`` of a constant bias of shape [N] or [1, N]: the bias absorbs the shift.
+6. ``Reshape``/``Flatten`` of a MatMul (+ bias Add) to [M, N], features last (:mod:`.flattened`).
+7. ``Concat`` of Convs on the channel axis: the BN split by channel slices (:mod:`.concat`).
+
+An ``Add`` that is no MatMul's bias (a residual sum), a Concat of non-Conv values and a Reshape of
+anything but a MatMul are refused as ``unsupported_producer`` before their outputs' other readers
+are looked at (:data:`PRECHECKS`): the producer could not take the fold even if it fed the BN only.
 
 The producer's output must feed the BN only; with ``duplicate_shared`` a shared producer is copied
 and the BN folds into the copy (the other users keep the original). A fold refused midway is undone.
