@@ -324,6 +324,24 @@ def test_bn_after_residual_add_is_an_unsupported_producer(shared):
     assert "Add" in detail and "bias of a MatMul" in detail, detail
 
 
+def test_bn_after_matmul_plus_residual_is_an_unsupported_producer():
+    # Add(MatMul(x, W), x): a residual sum, not a MatMul with a constant bias.
+    p = bn_params(6, seed=19)
+    model = model_from_text(
+        f"""{H17}
+        g (float[3,6] X) => (float[3,6] Y) {{
+            m = MatMul (X, W)
+            s = Add (m, X)
+            Y = BatchNormalization (s, scale, B, mean, var)
+        }}""",
+        {"W": randn(6, 6, seed=20), **p},
+    )
+
+    result = assert_kept(model, SkipReason.UNSUPPORTED_PRODUCER)
+
+    assert "of MatMul and a graph input" in result.decisions[0].detail
+
+
 # ================================================================= RepVGG / MobileOne identity branch
 def _repvgg(k3: str = "pads = [1, 1, 1, 1]", group: int = 1, shared: bool = False):
     """``relu(conv3x3(x) + conv1x1(x) + BN(x))`` with x = relu(X): RepVGG's training-time block."""

@@ -36,7 +36,7 @@ from bnfold.report import BNDecision
 
 from .common import FLOAT_DTYPES, STD, attr, bias_name, is_constish, node_label, op_name, rank
 from .concat import check_concat, fold_concat
-from .constants import Const, weight
+from .constants import Const, const, weight
 from .context import FoldContext
 from .flattened import check_flattened, fold_flattened
 from .rewiring import append_add, bypass, duplicate, set_input
@@ -349,19 +349,25 @@ def _is_matmul_output(v: ir.Value | None, add: ir.Node) -> bool:
 
 
 def check_add(ctx: FoldContext, add: ir.Node) -> None:
-    """An Add folds only as the bias Add of a MatMul; a sum of two computed values (a residual
-    connection) is no foldable producer, whoever else reads it."""
-    del ctx
-    if not any(_is_matmul_output(v, add) for v in add.inputs):
-        parts = []
-        for v in add.inputs:
-            p = v.producer() if v is not None else None
-            parts.append("a graph input or constant" if p is None else f"{op_name(p)}")
-        raise Refusal(
-            SkipReason.UNSUPPORTED_PRODUCER,
-            f"input comes from Add {node_label(add)} of {' and '.join(parts)}: "
-            "an Add is a foldable producer only as the bias of a MatMul",
-        )
+    """An Add folds only as the constant bias Add of a MatMul; a sum of two computed values (a
+    residual connection) is no foldable producer, whoever else reads it."""
+    for i, v in enumerate(add.inputs):
+        if _is_matmul_output(v, add) and len(add.inputs) == 2:
+            try:
+                const(ctx, add.inputs[1 - i], what="Add bias", weight=True)
+                return
+            except Refusal as refusal:  # a bias that is a constant, but not a usable one, says so
+                if refusal.reason != SkipReason.NON_CONSTANT_WEIGHT:
+                    return
+    parts = []
+    for v in add.inputs:
+        p = v.producer() if v is not None else None
+        parts.append(op_name(p) if p is not None else "a graph input or constant")
+    raise Refusal(
+        SkipReason.UNSUPPORTED_PRODUCER,
+        f"input comes from Add {node_label(add)} of {' and '.join(parts)}: "
+        "an Add is a foldable producer only as the constant bias of a MatMul",
+    )
 
 
 #: The backward fold for each producer op (an Add is tried as the bias of a MatMul; a Concat of
