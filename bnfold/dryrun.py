@@ -35,8 +35,8 @@ def inspect_model(
 
     Returns:
         A :class:`~bnfold.report.FoldReport` with one decision per BatchNormalization (and per
-        decomposed BN that would fold): direction "backward" / "forward" / "decomposed" and the
-        target node, or the reason it would be kept (direction "lowered" when ``lower_remaining``
+        decomposed BN that would fold): direction "backward" / "forward" / "decomposed" / "branch"
+        and the target node, or the reason it would be kept (direction "lowered" when ``lower_remaining``
         would rewrite it). ``output`` is None, ``written`` False, ``verification`` None;
         ``nodes_after`` is the main graph's node count after the fold; ``timings`` has "load" and
         "fold". Bad input raises a :class:`~bnfold.errors.BnfoldError`.

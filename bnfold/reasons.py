@@ -13,7 +13,7 @@ import enum
 from typing import Literal
 
 #: How a BN was folded (or, for "lowered", rewritten while kept); the report's ``direction`` values.
-Direction = Literal["backward", "forward", "decomposed", "lowered"]
+Direction = Literal["backward", "forward", "decomposed", "branch", "lowered"]
 
 
 class SkipReason(str, enum.Enum):

@@ -15,7 +15,7 @@ JSON schema, version 1::
       "totals": {"batchnorms": int, "folded": int, "kept": int},
       "batchnorms": [
         {"name": str, "graph": str, "status": "folded" | "kept",
-         "direction": "backward" | "forward" | "decomposed" | "lowered" | null,
+         "direction": "backward" | "forward" | "decomposed" | "branch" | "lowered" | null,
                                            # how it was folded (or, for "lowered", rewritten while kept)
          "target": str | null, "target_op": str | null,   # the node it was folded into
          "reason": str | null,             # a SkipReason value when kept
@@ -63,8 +63,9 @@ class BNDecision:
     detail: str
     graph: str = "main"
     # "backward": folded into its producer; "forward": into the node(s) that consume its output;
-    # "decomposed": a BN lowered to Mul/Add/Sub/Div, folded into its producer; "lowered": kept, but
-    # rewritten to Mul + Add (fold --lower-remaining).
+    # "decomposed": a BN lowered to Mul/Add/Sub/Div, folded into its producer; "branch": an
+    # identity-branch BN summed with a sibling Conv of the same input, folded into that Conv's centre
+    # tap (RepVGG/MobileOne); "lowered": kept, but rewritten to Mul + Add (fold --lower-remaining).
     direction: str | None = None
     target: str | None = None  # name of the node folded into
     target_op: str | None = None

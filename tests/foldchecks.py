@@ -65,7 +65,7 @@ def fold_checked(model: onnx.ModelProto, **options) -> FoldResult:
     assert len({d.name for d in result.decisions}) == len(result.decisions)
     for d in result.decisions:
         assert d.detail.strip()
-        assert d.folded == (d.direction in ("backward", "forward", "decomposed"))
+        assert d.folded == (d.direction in ("backward", "forward", "decomposed", "branch"))
         assert (d.reason is None) == d.folded
     folded = result.model
     onnx.checker.check_model(folded, full_check=True)

@@ -13,6 +13,9 @@ rewires. Where to find what:
 - ``shapes``         static shapes and dtypes (declared, else ONNX shape inference, once per run)
 - ``weights``        lazy folded weights; "check the range, then fold lazily"
 - ``backward``       folds into the producer: Conv, ConvTranspose, Gemm, MatMul, MatMul + Add
+- ``flattened``      folds through a Reshape/Flatten merging leading axes into a MatMul (LeViT)
+- ``concat``         folds a BN after a channel Concat of Convs, split by slices (mixnet)
+- ``branch``         identity-branch BNs summed with a sibling Conv: into its centre tap (RepVGG)
 - ``forward``        planning a forward fold through MaxPool/AveragePool/Dropout/Flatten/Reshape…
 - ``forward_targets`` the Conv, Gemm and MatMul a forward fold folds into (border correction too)
 - ``decomposed``     Mul/Add/Sub/Div chains that are a BN in disguise, right after their producer

@@ -11,6 +11,12 @@ Cases, one function each (:data:`HANDLERS`):
 4. ``MatMul`` with a constant [K, N] weight and a 2-D input: the weight's columns are scaled and an
    ``Add`` of the shift is created (none when the shift is zero).
 5. ``MatMul`` followed by ``Add`` of a constant bias of shape [N] or [1, N]: the bias absorbs the shift.
+6. ``Reshape``/``Flatten`` of a MatMul (+ bias Add) to [M, N], features last (:mod:`.flattened`).
+7. ``Concat`` of Convs on the channel axis: the BN split by channel slices (:mod:`.concat`).
+
+An ``Add`` that is no MatMul's bias (a residual sum), a Concat of non-Conv values and a Reshape of
+anything but a MatMul are refused as ``unsupported_producer`` before their outputs' other readers
+are looked at (:data:`PRECHECKS`): the producer could not take the fold even if it fed the BN only.
 
 Between the producer and a BN node there may be ``Transpose``/no-op ``Cast``/``Identity`` nodes
 (:mod:`.layout`) that bring the producer's channel axis back to axis 1; each must feed the next only.
@@ -31,8 +37,10 @@ from bnfold.reasons import Refusal, SkipReason
 from bnfold.report import BNDecision
 
 from .common import FLOAT_DTYPES, STD, attr, bias_name, is_constish, node_label, op_name, rank
-from .constants import Const, weight
+from .concat import check_concat, fold_concat
+from .constants import Const, const, weight
 from .context import FoldContext
+from .flattened import check_flattened, fold_flattened
 from .layout import axis_before, is_layout
 from .rewiring import append_add, bypass, duplicate, set_input
 from .shapes import rank_of
@@ -68,6 +76,8 @@ def fold_backward(
         raise Refusal(
             SkipReason.UNSUPPORTED_PRODUCER, f"input comes from {op} {node_label(producer)}"
         )
+    if op in PRECHECKS:  # a producer that can never take the fold says so before any sharing
+        PRECHECKS[op](ctx, producer)
     ctx.undo.clear()
     try:
         producer, copied = (producer, "") if passed else _private_producer(ctx, bn, producer)
@@ -152,6 +162,31 @@ def _private_producer(ctx: FoldContext, bn: ir.Node, producer: ir.Node) -> tuple
 
 def fold_conv(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> Folded:
     """Conv and ConvTranspose: scale the weight along the output channels; fold the bias."""
+    install, how = prepare_conv(ctx, node, s, t)
+    install()
+    return node, how, node.outputs[0]
+
+
+def conv_channels(ctx: FoldContext, node: ir.Node) -> int:
+    """The number of output channels of a Conv/ConvTranspose, read from its constant weight."""
+    w = weight(ctx, node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} weight")
+    if len(w.shape) < 3:
+        raise Refusal(SkipReason.SHAPE_MISMATCH, f"{node.op_type} weight has rank {len(w.shape)}")
+    if node.op_type != "ConvTranspose":
+        return w.shape[0]
+    group = int(attr(node, "group", 1))
+    if group < 1 or w.shape[0] % group:
+        raise Refusal(
+            SkipReason.SHAPE_MISMATCH, f"weight {list(w.shape)} does not fit group={group}"
+        )
+    return w.shape[1] * group
+
+
+def prepare_conv(
+    ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray
+) -> tuple[Install, str]:
+    """Check the fold of (s, t) into a Conv/ConvTranspose (refusing changes nothing); return the
+    step that installs the folded weight and bias, and what it does."""
     is_t = node.op_type == "ConvTranspose"
     w = weight(ctx, node.inputs[1] if len(node.inputs) > 1 else None, f"{node.op_type} weight")
     if len(w.shape) < 3:
@@ -197,11 +232,14 @@ def fold_conv(ctx: FoldContext, node: ir.Node, s: np.ndarray, t: np.ndarray) -> 
     bias64 = numerics.fold_bias(b.load64() if b is not None else None, s, t)
     bias_dtype = b.dtype if b is not None else w.dtype
     bias_arr = numerics.round_to(bias64, FLOAT_DTYPES[bias_dtype], f"{node.op_type} bias")
-    install()
-    new_bias = eager(ctx, bias_arr, bias_dtype, bias64, bias_name(bias_v, node, "conv"))
-    set_input(ctx, node, 2, new_bias)
+
+    def install_all() -> None:
+        install()
+        new_bias = eager(ctx, bias_arr, bias_dtype, bias64, bias_name(bias_v, node, "conv"))
+        set_input(ctx, node, 2, new_bias)
+
     created = "bias created" if b is None else "bias updated"
-    return node, f"weight scaled along {axis_desc}; {created}", node.outputs[0]
+    return install_all, f"weight scaled along {axis_desc}; {created}"
 
 
 def gemm_operands(
@@ -358,11 +396,45 @@ def _is_matmul_output(v: ir.Value | None, add: ir.Node) -> bool:
     return p is not None and p.op_type == "MatMul" and p.domain in STD and p.graph is add.graph
 
 
-#: The backward fold for each producer op (an Add is tried as the bias of a MatMul).
+def check_add(ctx: FoldContext, add: ir.Node) -> None:
+    """An Add folds only as the constant bias Add of a MatMul; a sum of two computed values (a
+    residual connection) is no foldable producer, whoever else reads it."""
+    for i, v in enumerate(add.inputs):
+        if _is_matmul_output(v, add) and len(add.inputs) == 2:
+            try:
+                const(ctx, add.inputs[1 - i], what="Add bias", weight=True)
+                return
+            except Refusal as refusal:  # a bias that is a constant, but not a usable one, says so
+                if refusal.reason != SkipReason.NON_CONSTANT_WEIGHT:
+                    return
+    parts = []
+    for v in add.inputs:
+        p = v.producer() if v is not None else None
+        parts.append(op_name(p) if p is not None else "a graph input or constant")
+    raise Refusal(
+        SkipReason.UNSUPPORTED_PRODUCER,
+        f"input comes from Add {node_label(add)} of {' and '.join(parts)}: "
+        "an Add is a foldable producer only as the constant bias of a MatMul",
+    )
+
+
+#: The backward fold for each producer op (an Add is tried as the bias of a MatMul; a Concat of
+#: Convs is split by channels; a Reshape/Flatten merging leading axes is folded through).
 HANDLERS: dict[str, Handler] = {
     "Conv": fold_conv,
     "ConvTranspose": fold_conv,
     "Gemm": fold_gemm,
     "MatMul": fold_matmul,
     "Add": fold_matmul_add,
+    "Concat": fold_concat,
+    "Reshape": fold_flattened,
+    "Flatten": fold_flattened,
+}
+#: Checks run before the producer's output is checked for other readers: a producer these refuse
+#: can never take the fold, and the reason says so (not "its output is shared").
+PRECHECKS: dict[str, Callable[[FoldContext, ir.Node], None]] = {
+    "Add": check_add,
+    "Concat": check_concat,
+    "Reshape": check_flattened,
+    "Flatten": check_flattened,
 }

@@ -46,6 +46,8 @@ CONST_OPS = frozenset(
         "Unsqueeze",
         "Squeeze",
         "Expand",
+        "Transpose",
+        "Concat",
         "Shape",
         "Add",
         "Sub",

@@ -6,9 +6,10 @@ memory-mapped and are released after reading). :func:`const` accepts
 - a tensor (an initializer or a folded weight), a ``Constant`` node, ``ConstantOfShape``;
 - ``Identity`` chains, and side-effect-free ops of constants, each evaluated in its own dtype by one
   small function per op family (:data:`_EVALUATORS`): ``Shape`` (of a constant), ``Cast``/``CastLike``,
-  ``Reshape``, ``Unsqueeze``/``Squeeze``, ``Expand``, ``Sqrt``/``Reciprocal``/``Neg`` and
-  ``Add``/``Sub``/``Mul``/``Div`` (with the legacy ``broadcast``/``axis`` rules below opset 7); e.g.
-  torch's ``Expand(CastLike(0, x), Shape(W))`` zero bias.
+  ``Reshape``, ``Unsqueeze``/``Squeeze``, ``Expand``, ``Transpose``, ``Concat``,
+  ``Sqrt``/``Reciprocal``/``Neg`` and ``Add``/``Sub``/``Mul``/``Div`` (with the legacy
+  ``broadcast``/``axis`` rules below opset 7); e.g. torch's ``Expand(CastLike(0, x), Shape(W))`` zero
+  bias, the dynamo exporter's ``Concat`` of ``Constant`` shapes and ``Transpose`` of a Linear weight.
 
 It refuses (a :class:`~bnfold.reasons.Refusal`) a graph input (in IR ≥ 4 an initializer that is also a
 graph input may be overridden by the caller; in IR < 4 every initializer is listed as an input and is
@@ -331,6 +332,46 @@ def _expand(e: _Eval) -> Const:
     )
 
 
+def _transpose(e: _Eval) -> Const:
+    c = e.arg(0)
+    perm = attr(e.node, "perm", None)
+    perm = list(range(len(c.shape)))[::-1] if perm is None else [int(p) for p in perm]
+    if sorted(perm) != list(range(len(c.shape))):
+        raise e.invalid(f"perm {perm} does not fit shape {list(c.shape)}")
+    moved = lambda get: lambda: np.ascontiguousarray(np.transpose(get(), perm))  # noqa: E731
+    out = tuple(c.shape[p] for p in perm)
+    return Const(c.dtype, out, moved(c.load), moved(c.load64), c.release)
+
+
+def _concat(e: _Eval) -> Const:
+    parts = [e.arg(i) for i in range(len(e.node.inputs))]
+    if not parts:
+        raise e.invalid("no inputs")
+    rank, dtype = len(parts[0].shape), parts[0].dtype
+    if any(p.dtype != dtype for p in parts):
+        raise Refusal(e.non_const, f"{e.label}: inputs of different dtypes")
+    axis = int(attr(e.node, "axis", 0))
+    axis += rank if axis < 0 else 0
+    others = [tuple(d for i, d in enumerate(p.shape) if i != axis) for p in parts]
+    if not 0 <= axis < rank or any(
+        len(p.shape) != rank or o != others[0] for p, o in zip(parts, others, strict=True)
+    ):
+        raise e.invalid(f"cannot concatenate {[list(p.shape) for p in parts]} on axis {axis}")
+    out = list(parts[0].shape)
+    out[axis] = sum(p.shape[axis] for p in parts)
+
+    def join(get: Callable[[Const], np.ndarray]) -> Callable[[], np.ndarray]:
+        return lambda: np.concatenate([np.asarray(get(p)) for p in parts], axis=axis)
+
+    return Const(
+        dtype,
+        tuple(out),
+        join(lambda p: p.load()),
+        join(lambda p: p.load64()),
+        lambda: [p.release() for p in parts] and None,
+    )
+
+
 _UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}
 
 
@@ -402,6 +443,8 @@ _EVALUATORS: dict[str, Callable[[_Eval], Const]] = {
     "Unsqueeze": _unsqueeze_squeeze,
     "Squeeze": _unsqueeze_squeeze,
     "Expand": _expand,
+    "Transpose": _transpose,
+    "Concat": _concat,
     "Sqrt": _unary,
     "Reciprocal": _unary,
     "Neg": _unary,

@@ -5,6 +5,7 @@ It only arbitrates; each way of folding lives in its own module (see the package
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -14,9 +15,10 @@ import onnx_ir as ir
 from bnfold.reasons import Refusal, SkipReason
 from bnfold.report import BNDecision
 
-from .affine import kept_reason, try_affine
+from .affine import STRUCTURAL, kept_reason, try_affine
 from .backward import fold_backward
 from .bnparams import bn_affine
+from .branch import fold_identity_branch
 from .common import AFFINE_OPS, STD, is_bn, node_label
 from .context import FoldContext, walk_graphs
 from .decomposed import try_decomposed
@@ -51,6 +53,9 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
        (MaxPool, AveragePool, Identity, Dropout, …) and a Flatten/Reshape to [N, C·D].
     3. Otherwise it is kept with the most telling :class:`~bnfold.reasons.SkipReason`; with
        ``lower_remaining`` a kept inference BN is rewritten to ``Mul`` + ``Add`` (:mod:`.lowering`).
+
+    4. A kept BN on the identity branch of a RepVGG/MobileOne block (``conv(x) + BN(x)``) folds into
+       a sibling Conv's centre tap once every other BN is decided (:mod:`.branch`).
 
     Decomposed BNs (:mod:`.decomposed`): a chain of per-channel ``Mul``/``Add``/``Sub``/``Div`` right
     after a Conv/ConvTranspose/Gemm/MatMul folds into it (direction ``"decomposed"``; ``kind``
@@ -117,7 +122,7 @@ def _process_tree(ctx: FoldContext, root: ir.Graph) -> None:
 def _process(ctx: FoldContext, graph: ir.Graph) -> None:
     """Decide every BN of ``graph`` and fold its decomposed BNs; then lower the kept BNs."""
     scope = ctx.scope(graph)
-    to_lower: list[tuple[int, ir.Node, tuple[np.ndarray, np.ndarray]]] = []
+    kept: list[tuple[int, ir.Node, tuple[np.ndarray, np.ndarray]]] = []
     for node in list(graph):
         if node.graph is not graph:
             continue  # removed by an earlier fold
@@ -126,14 +131,23 @@ def _process(ctx: FoldContext, graph: ir.Graph) -> None:
             ctx.current_bn = None
             ctx.decisions.append(decision)
             logger.debug("%s: %s %s", decision.name, decision.status, decision.detail)
-            if affine is not None and ctx.lower_remaining:
-                to_lower.append((len(ctx.decisions) - 1, node, affine))
+            if affine is not None:
+                kept.append((len(ctx.decisions) - 1, node, affine))
         elif node.op_type in AFFINE_OPS and node.domain in STD:
             decomposed = try_decomposed(ctx, node, scope) or try_affine(ctx, node, scope)
             if decomposed is not None:
                 ctx.decisions.append(decomposed)
-    for index, bn, (s, t) in to_lower:
-        if bn.graph is graph:
+    for index, bn, (s, t) in kept:  # identity branches, once their sibling Convs are folded
+        if bn.graph is graph and ctx.decisions[index].reason in STRUCTURAL:
+            try:
+                ctx.decisions[index] = fold_identity_branch(ctx, bn, s, t, scope)
+            except Refusal as refusal:
+                if refusal.detail.startswith("identity branch"):
+                    kept_d = ctx.decisions[index]
+                    detail = f"{kept_d.detail}; {refusal.detail}"
+                    ctx.decisions[index] = dataclasses.replace(kept_d, detail=detail)
+    for index, bn, (s, t) in kept:
+        if bn.graph is graph and ctx.lower_remaining:
             ctx.decisions[index] = lower(ctx, bn, s, t, ctx.decisions[index])
 
 
