@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_kept, bn_params, const_values, model_from_text, randn
 from foldchecks import assert_folded, ops
+from helpers import assert_kept, bn_params, const_values, model_from_text, randn
 
 from bnfold.reasons import SkipReason
 

@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_close, run_ort
 from foldchecks import count_all, fold_checked
+from helpers import assert_close, run_ort
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
