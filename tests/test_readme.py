@@ -103,7 +103,33 @@ def test_readme_python_snippet_runs_as_written(workdir, index):
     code = _blocks("python")[index]
     if re.search(r"^import torch\b", code, re.M):
         pytest.importorskip("torch")
+    if "tcp://scheduler:8786" in code:  # the Dask example: run it on a real cluster on loopback
+        _run_on_local_cluster(code, workdir, index)
+        return
     exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+
+
+def _run_on_local_cluster(code: str, workdir: Path, index: int) -> None:
+    """The README's Dask snippet as written, with its scheduler address pointing at an in-process
+    LocalCluster on 127.0.0.1 and its shared folders at this test's sample models."""
+    distributed = pytest.importorskip("distributed")
+    code = code.replace("/shared/models", str(workdir / "sample_models"))
+    code = code.replace("/shared/folded", str(workdir / "folded"))
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        code = code.replace("tcp://scheduler:8786", cluster.scheduler_address)
+        exec(
+            compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"}
+        )
+    assert sorted(p.name for p in (workdir / "folded").glob("*.onnx")) == sorted(
+        p.name for p in (workdir / "sample_models").glob("*.onnx")
+    )
 
 
 def test_readme_pre_commit_hook_ids_exist():

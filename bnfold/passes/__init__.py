@@ -9,7 +9,7 @@ rewires. Where to find what:
   (backward → forward → keep, then lowering), returns a :class:`FoldPassResult`
 - ``context``        the per-run state (names, scopes, undo stack, dead values, decisions)
 - ``bnparams``       is a BN an inference BN with constant parameters; its (s, t)
-- ``constants``      resolving a value to a constant; the constant-expression evaluator
+- ``constants``      resolving a value to a constant (``const_eval``: the evaluator, per op family)
 - ``shapes``         static shapes and dtypes (declared, else ONNX shape inference, once per run)
 - ``weights``        lazy folded weights; "check the range, then fold lazily"
 - ``backward``       folds into the producer: Conv, ConvTranspose, Gemm, MatMul, MatMul + Add
