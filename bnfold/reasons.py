@@ -45,6 +45,8 @@ class SkipReason(str, enum.Enum):
     PADDED_CONSUMER = "padded_consumer"
     NON_POSITIVE_SCALE = "non_positive_scale"
     UNKNOWN_SHAPE = "unknown_shape"
+    # PyTorch: a BatchNorm subclass / BN-like module whose forward bnfold cannot reduce to an affine
+    CUSTOM_FORWARD = "custom_forward"
 
     @property
     def explanation(self) -> str:
@@ -77,6 +79,7 @@ _EXPLANATIONS = {
     SkipReason.PADDED_CONSUMER: "forward fold: the next Conv pads with zeros (or an AveragePool counts its padding), which the BN's shift would move, and the border cannot be compensated (unknown spatial size, or too large a correction)",
     SkipReason.NON_POSITIVE_SCALE: "forward fold through MaxPool: max commutes with the BN only where its scale is > 0",
     SkipReason.UNKNOWN_SHAPE: "forward fold: the static shape it needs (e.g. the size flattened before a Gemm) is unknown",
+    SkipReason.CUSTOM_FORWARD: "a BatchNorm subclass (or BN-like module) whose forward is not batch_norm followed by other modules, nor a fixed per-channel affine",
 }
 
 

@@ -14,7 +14,7 @@ JSON schema, version 1::
       "strict": bool,
       "totals": {"batchnorms": int, "folded": int, "kept": int},
       "batchnorms": [
-        {"name": str, "graph": str, "status": "folded" | "kept",
+        {"name": str, "graph": str, "status": "folded" | "kept" | "fused_by_exporter",
          "direction": "backward" | "forward" | "decomposed" | "lowered" | null,
                                            # how it was folded (or, for "lowered", rewritten while kept)
          "target": str | null, "target_op": str | null,   # the node it was folded into
@@ -64,9 +64,14 @@ class BNDecision:
     target: str | None = None  # name of the node folded into
     target_op: str | None = None
     reason: SkipReason | None = None
+    # bnfold.torch.export: the BN module was fused into its Conv/Gemm by the exporter's own
+    # optimizer before bnfold saw the graph (``folded`` is True: it is gone from the output).
+    fused_by_exporter: bool = False
 
     @property
     def status(self) -> str:
+        if self.folded and self.fused_by_exporter:
+            return "fused_by_exporter"
         return "folded" if self.folded else "kept"
 
     def to_dict(self) -> dict[str, Any]:

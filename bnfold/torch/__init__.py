@@ -34,6 +34,8 @@ __all__ = [
     "fold_module",
     "is_torch_file",
     "load_torch_file",
+    "register_bn_like",
+    "unregister_bn_like",
 ]
 
 from bnfold.errors import (
@@ -44,5 +46,6 @@ from bnfold.errors import (
 )
 
 from .files import TorchSource, fold_file, is_torch_file, load_torch_file
+from .bn_like import register_bn_like, unregister_bn_like
 from .module_fold import ModuleFoldResult, fold_module
 from .onnx_export import export

@@ -19,13 +19,12 @@ from ._common import (
     _f64,
     _from_f64,
     _has_hooks,
-    _is_bn,
-    _is_standard_bn,
     _join,
     _looks_like_producer,
     _producer_kind,
 )
 from ._scopes import _describe_node, _Run, _Scope, _static_rank
+from .bn_like import BNLike, Recognizer
 
 
 @dataclass
@@ -36,15 +35,10 @@ class _Folded:
 
 
 def _compute_fold(
-    prod: Any, kind: str, bn: Any, start: tuple[np.ndarray, np.ndarray | None] | None
+    prod: Any, kind: str, like: BNLike, start: tuple[np.ndarray, np.ndarray | None] | None
 ) -> _Folded:
     """Folded (weight, bias) in float64; ``start`` is the float64 state of an earlier fold."""
-    c = bn.num_features
-    gamma = _f64(bn.weight) if bn.weight is not None else np.ones(c)
-    beta = _f64(bn.bias) if bn.bias is not None else np.zeros(c)
-    s, t = numerics.bn_scale_shift(
-        gamma, beta, _f64(bn.running_mean), _f64(bn.running_var), float(bn.eps)
-    )
+    s, t = like.scale, like.shift
     if start is not None:
         w, b = start
     else:
@@ -83,10 +77,16 @@ def _replace_everywhere(root: Any, old: Any, new: Any) -> None:
 
 
 def _fold_scopes(
-    root: Any, scopes: list[_Scope], paths: dict[int, str], run: _Run | None, *, rewrite: bool
+    root: Any,
+    scopes: list[_Scope],
+    paths: dict[int, str],
+    run: _Run | None,
+    *,
+    rewrite: bool,
+    recognizer: Recognizer,
 ) -> tuple[list[BNDecision], Any]:
     """Decide and apply every fold; return the decisions (in module order) and the new root."""
-    folder = _Folder(root, scopes, paths, run, rewrite=rewrite)
+    folder = _Folder(root, scopes, paths, run, rewrite=rewrite, recognizer=recognizer)
     for scope, node in folder.bn_sites:
         folder.decide(scope, node)
     folder.decide_unreached()
@@ -103,6 +103,7 @@ class _Pair:
     path: str
     desc: str
     folded: _Folded
+    like: BNLike
 
 
 class _Folder:
@@ -116,7 +117,10 @@ class _Folder:
         run: _Run | None,
         *,
         rewrite: bool,
+        recognizer: Recognizer,
     ) -> None:
+        self.rec = recognizer
+        self.replacement: dict[int, Any] = {}  # BN id -> what replaces it once folded
         self.root, self.scopes, self.paths, self.run, self.rewrite = (
             root,
             scopes,
@@ -134,7 +138,7 @@ class _Folder:
                 if node.op == "call_module":
                     m = scope.module.get_submodule(node.target)
                     self.calls[id(m)] = self.calls.get(id(m), 0) + 1
-                    if _is_bn(m):
+                    if self.rec.is_site(m):
                         self.bn_sites.append((scope, node))
                 elif node.op == "get_attr":
                     try:
@@ -225,11 +229,9 @@ class _Folder:
                 f"{opaque.path or '<root>'!r}, whose forward torch.fx cannot trace ({opaque.error}); that "
                 "code might call these layers directly: pass example_inputs so bnfold counts the real calls"
             )
-        if not _is_standard_bn(bn):
-            return (
-                SkipReason.UNSUPPORTED_PRODUCER,
-                f"{type(bn).__name__} overrides BatchNorm's forward",
-            )
+        like = self.rec.classify(bn)
+        if isinstance(like, str):
+            return SkipReason.CUSTOM_FORWARD, like
         if _has_hooks(bn):
             return SkipReason.HAS_HOOKS, f"{type(bn).__name__} {bn_path!r} has forward hooks"
         src = nb.args[0] if nb.args else nb.kwargs.get("input")
@@ -273,22 +275,22 @@ class _Folder:
         if bad:
             return SkipReason.UNSUPPORTED_DTYPE, f"{desc}: {', '.join(bad)}"
         c_out = _out_features(prod, kind)
-        if c_out != bn.num_features:
+        if c_out != like.num_features:
             return (
                 SkipReason.SHAPE_MISMATCH,
-                f"{type(bn).__name__} has {bn.num_features} channels but {desc} produces {c_out}",
+                f"{type(bn).__name__} has {like.num_features} channels but {desc} produces {c_out}",
             )
         layout = self._layout_refusal(scope, src, bn, kind, dims, desc)
         if layout is not None:
             return layout
         try:
-            folded = _compute_fold(prod, kind, bn, self.f64.get(id(prod)))
+            folded = _compute_fold(prod, kind, like, self.f64.get(id(prod)))
             # Round now, so that an overflow is refused before anything changes.
             _from_f64(folded.weight, prod.weight, "weight")
             _from_f64(folded.bias, prod.bias if prod.bias is not None else prod.weight, "bias")
         except numerics.FoldRefused as refused:
             return SkipReason(refused.reason), refused.detail
-        return _Pair(src, prod, kind, prod_path, desc, folded)
+        return _Pair(src, prod, kind, prod_path, desc, folded, like)
 
     def _layout_refusal(
         self, scope: _Scope, src: Any, bn: Any, kind: str, dims: int, desc: str
@@ -344,6 +346,7 @@ class _Folder:
         what_bias = "bias created" if pair.folded.created_bias else "bias updated"
         axis = "features" if pair.kind == "linear" else "channels"
         detail = f"weight scaled along its output {axis}; {what_bias}"
+        detail += _like_note(bn, pair.like)
         mine = {
             id(t): pname
             for pname in ("weight", "bias")
@@ -382,8 +385,10 @@ class _Folder:
     def _fold_in_place(self, scope: _Scope, nb: Any, bn: Any, pair: _Pair) -> None:
         _apply(pair.prod, pair.folded)
         self.f64[id(pair.prod)] = (pair.folded.weight, pair.folded.bias)
-        nb.replace_all_uses_with(pair.src)
-        scope.graph.erase_node(nb)
+        self.replacement[id(bn)] = _tail_module(pair.like)
+        if not pair.like.tail:
+            nb.replace_all_uses_with(pair.src)
+            scope.graph.erase_node(nb)
         self.in_place_bns.append(bn)
 
     def _fold_at_call_site(self, scope: _Scope, nb: Any, bn: Any, pair: _Pair) -> str:
@@ -403,8 +408,14 @@ class _Folder:
         self.calls[id(pair.prod)] -= 1
         self.calls[id(bn)] -= 1
         pair.src.target = new_name
-        nb.replace_all_uses_with(pair.src)
-        scope.graph.erase_node(nb)
+        if pair.like.tail:  # this call now runs the kept tail, a private module
+            tail_name = f"{new_name}_tail"
+            scope.copies[tail_name] = _tail_module(pair.like)
+            nb.target = tail_name
+        else:
+            nb.replace_all_uses_with(pair.src)
+            scope.graph.erase_node(nb)
+        self.replacement.setdefault(id(bn), _tail_module(pair.like))
         scope.rewritten = True
         self.rewritten_bns[id(bn)] = bn
         return self.paths[id(private)]
@@ -419,7 +430,7 @@ class _Folder:
                 for child in s.module.children():
                     owner.setdefault(id(child), s)
         for path, m in self.root.named_modules():
-            if not _is_bn(m) or id(m) in decided:
+            if not self.rec.is_site(m) or id(m) in decided:
                 continue
             key = (self.order.get(id(m), 1 << 30), 0)
             s = owner.get(id(m))
@@ -460,7 +471,7 @@ class _Folder:
             and (run is None or run.calls.get(id(bn), 0) == self.traced_calls.get(id(bn), 0))
         ]
         for bn in done:
-            _replace_everywhere(new_root, bn, nn.Identity())
+            _replace_everywhere(new_root, bn, self.replacement.get(id(bn)) or nn.Identity())
         self.decisions.sort(key=lambda kd: kd[0])
         return [d for _, d in self.decisions], new_root
 
@@ -495,3 +506,26 @@ def _resolve_attr(module: Any, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
+
+
+def _tail_module(like: BNLike) -> Any:
+    """What runs in place of a folded BN: nothing (Identity), its one tail module, or a Sequential."""
+    from torch import nn
+
+    kept = [m for _, m in like.tail if type(m) is not nn.Identity]
+    if not kept:
+        return nn.Identity()
+    return kept[0] if len(kept) == 1 else nn.Sequential(*kept)
+
+
+def _like_note(bn: Any, like: BNLike) -> str:
+    """What the decision adds for a BN that is not torch's own BatchNorm."""
+    name = type(bn).__name__
+    if like.kind == "batchnorm+tail":
+        kept = ", ".join(f"{n} ({type(m).__name__})" for n, m in like.tail)
+        return f"; {name}'s batch_norm folded, the modules it runs after it kept: {kept}"
+    if like.kind == "frozen":
+        return f"; {name} is a frozen BatchNorm (fixed affine from its buffers)"
+    if like.kind == "registered":
+        return f"; {name} folded with its registered affine (register_bn_like / bn_like)"
+    return ""

@@ -1,6 +1,7 @@
-"""``bnfold.torch.export``: export a module to ONNX (TorchScript exporter, every BatchNorm kept),
-fold it with the ONNX pass, verify the folded model under ONNX Runtime against PyTorch's own outputs,
-and write it atomically.
+"""``bnfold.torch.export``: export a module to ONNX (torch's maintained torch.export-based exporter,
+``dynamo=True``, by default; the deprecated TorchScript exporter only when asked for), fold what the
+export leaves with the ONNX pass, account for every BatchNorm module of the ``nn.Module``, verify the
+folded model under ONNX Runtime against PyTorch's own outputs, and write it atomically.
 """
 
 from __future__ import annotations
@@ -60,12 +61,17 @@ def export(
     duplicate_shared: bool = False,
     bench: bool = False,
     options: FoldOptions | None = None,
+    exporter: str = "dynamo",
 ) -> FoldResult:
     """Export ``module`` to ONNX, fold it, verify it against the module itself, write it to ``path``.
 
-    The module is exported with the TorchScript exporter (``torch.onnx.export(dynamo=False,
-    do_constant_folding=False)``: it keeps every BatchNormalization, so the report lists each), the
-    ONNX fold pass runs on the export, and the folded ONNX model runs under ONNX Runtime (CPU,
+    The module is exported with torch's torch.export-based exporter (``torch.onnx.export(
+    dynamo=True)``, its optimizer on: it fuses ``Conv → BatchNorm`` itself), the ONNX fold pass
+    folds what the export left, and the report accounts for every BatchNorm module of the
+    ``nn.Module`` (a decision per module the exporter fused, status ``fused_by_exporter``; one per
+    BN module that the exported graph never runs, ``not_called``). ``exporter="torchscript"`` is
+    the legacy fallback (``dynamo=False, do_constant_folding=False``: every BatchNormalization
+    kept for the ONNX pass), which torch deprecates; its warnings go to the log. The folded ONNX model runs under ONNX Runtime (CPU,
     optimizations disabled) on seeded inputs shaped like ``example_inputs`` (floating tensors random
     normal; with ``dynamic_batch`` a second batch of size N+1 checks the dynamic axis). Its outputs
     are compared with the PyTorch module's own outputs on the same inputs. ``path`` is written
@@ -80,7 +86,9 @@ def export(
         input_names, output_names: ONNX names (default: the forward's argument names; ``output``
             or ``output_0``, ``output_1``...).
         dynamic_batch: make dimension 0 of every input and output dynamic (``batch``).
-        opset: ONNX opset of the export.
+        opset: ONNX opset of the export (the dynamo exporter needs 18 or more: below that its own
+            default opset is used, and the log says so).
+        exporter: ``"dynamo"`` (default) or ``"torchscript"`` (the deprecated fallback).
         verify, atol, rtol, seed, strict, external_data, lower_remaining, duplicate_shared:
             as for :func:`bnfold.fold`.
         bench: after the write, time the unfolded export against the folded model under ONNX
@@ -111,11 +119,13 @@ def export(
         "bnfold.torch.export",
         "the module is given and example_inputs fix the shapes",
     )
+    if exporter not in ("dynamo", "torchscript"):
+        raise UsageError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     torch = _import_torch()
     _check_module_state(module)
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
-    names = _Names(input_names, output_names, dynamic_batch)
+    names = _Names(input_names, output_names, dynamic_batch, exporter)
     return _export(module, example_inputs, path, opts, names)
 
 
@@ -126,6 +136,7 @@ class _Names:
     inputs: Sequence[str] | None
     outputs: Sequence[str] | None
     dynamic_batch: bool
+    exporter: str = "dynamo"
 
 
 def _export(
@@ -152,9 +163,14 @@ def _export(
     try:
         exported = work / "exported.onnx"
         t1 = time.perf_counter()
-        _torch_onnx_export(module, args, exported, names_in, names_out, dynamic_axes, opts.opset)
+        spec = _ExportSpec(names_in, names_out, dynamic_axes, opts.opset, names.exporter)
+        _torch_onnx_export(module, args, exported, spec)
         timings["export"] = time.perf_counter() - t1
         report, ir_model = _fold_export(exported, opts, module, out_path, timings)
+        if names.exporter == "dynamo":
+            from ._accounting import account_bn_modules
+
+            account_bn_modules(module, exported, report)
         check = _Check(exported, names_in, samples, references)
         _write_verified(ir_model, report, out_path, check, opts, timings)
         if opts.bench and report.written:
@@ -222,36 +238,81 @@ def _onnx_names(
     return names_in, names_out, dynamic_axes
 
 
-def _torch_onnx_export(
-    module: Any,
-    args: tuple,
-    exported: Path,
-    names_in: list[str],
-    names_out: list[str],
-    dynamic_axes: dict[str, dict[int, str]] | None,
-    opset: int,
-) -> None:
+@dataclass
+class _ExportSpec:
+    names_in: list[str]
+    names_out: list[str]
+    dynamic_axes: dict[str, dict[int, str]] | None
+    opset: int
+    exporter: str
+
+
+def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSpec) -> None:
+    """Run torch's exporter (``spec.exporter``), writing the unfolded model to ``exported``."""
     torch = _import_torch()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(
-                module,
-                tuple(args),
-                str(exported),
-                dynamo=False,  # the TorchScript exporter; the dynamo one needs onnxscript
-                do_constant_folding=False,  # constant folding would fuse Conv+BN itself, unreported
-                opset_version=opset,
-                input_names=names_in,
-                output_names=names_out,
-                dynamic_axes=dynamic_axes,
-                export_params=True,
-                keep_initializers_as_inputs=False,
-                training=torch.onnx.TrainingMode.PRESERVE,  # checked above: eval
-            )
-    except Exception as exc:
-        raise InvalidModelError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+    common = {
+        "input_names": spec.names_in,
+        "output_names": spec.names_out,
+        "dynamic_axes": spec.dynamic_axes,
+        "export_params": True,
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if spec.exporter == "torchscript":
+                logger.warning(
+                    "exporting with the legacy TorchScript exporter (exporter='torchscript'), "
+                    "which torch deprecates; the default is the torch.export-based exporter"
+                )
+                torch.onnx.export(
+                    module,
+                    tuple(args),
+                    str(exported),
+                    dynamo=False,
+                    do_constant_folding=False,  # it would fuse Conv+BN itself, unreported
+                    opset_version=spec.opset,
+                    keep_initializers_as_inputs=False,
+                    training=torch.onnx.TrainingMode.PRESERVE,  # checked above: eval
+                    **common,
+                )
+            else:
+                _dynamo_export(torch, module, args, exported, spec.opset, common)
+        except Exception as exc:
+            raise InvalidModelError(
+                f"torch.onnx.export ({spec.exporter} exporter) failed: {_first_line(exc)}"
+                + (
+                    "; exporter='torchscript' (--exporter torchscript) is the legacy fallback"
+                    if spec.exporter == "dynamo"
+                    else ""
+                )
+            ) from None
+        finally:
+            # torch's warnings go to the log: the TorchScript exporter's deprecation as a warning
+            level = logging.WARNING if spec.exporter == "torchscript" else logging.DEBUG
+            for w in caught:
+                logger.log(level, "torch.onnx.export: %s", _first_line(Exception(str(w.message))))
+
+
+def _dynamo_export(
+    torch: Any, module: Any, args: tuple, exported: Path, opset: int, common: dict[str, Any]
+) -> None:
+    opset_version = opset if opset >= 18 else None
+    if opset_version is None:
+        logger.info(
+            "opset %d is below the dynamo exporter's minimum (18): using its default", opset
+        )
+    program = torch.onnx.export(
+        module,
+        tuple(args),
+        dynamo=True,
+        optimize=True,  # onnxscript's optimizer: constant folding, Conv+BN fusion (accounted for)
+        opset_version=opset_version,
+        verbose=False,
+        **common,
+    )
+    if program is None:  # pragma: no cover - torch returns the ONNXProgram with dynamo=True
+        raise InvalidModelError("torch.onnx.export returned no program")
+    program.save(str(exported))
 
 
 def _fold_export(
