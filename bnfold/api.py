@@ -140,7 +140,7 @@ def fold_with(
     progress: ProgressFn | None = None,
 ) -> FoldResult:
     """:func:`fold` with its options as one :class:`FoldOptions`; the phases, in order."""
-    options.refuse(("opset",), "bnfold.fold", "it applies to PyTorch inputs only")
+    options.refuse(("opset", "exporter"), "bnfold.fold", "it applies to PyTorch inputs only")
     job = _load(model, output, options)
     try:
         _keep_reference(job, model)

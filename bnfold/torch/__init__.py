@@ -45,7 +45,7 @@ from bnfold.errors import (
     UnfoldableModuleError,
 )
 
-from .files import TorchSource, fold_file, is_torch_file, load_torch_file
 from .bn_like import register_bn_like, unregister_bn_like
+from .files import TorchSource, fold_file, is_torch_file, load_torch_file
 from .module_fold import ModuleFoldResult, fold_module
 from .onnx_export import export

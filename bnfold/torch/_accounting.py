@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +25,37 @@ from ._common import _import_torch
 logger = logging.getLogger(__name__)
 
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_CLASSES_KEY = "pkg.torch.onnx.class_hierarchy"
 _FUSED_INTO = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _node_scopes(exported: Path) -> dict[str, tuple[str, list[str]]]:
-    """ONNX node name -> (op type, the module paths it came from), main graph."""
+@dataclass
+class _Node:
+    op: str
+    scopes: list[str]  # the module paths it came from, outermost first, then the op's own name
+    origin: str  # the last class of its class hierarchy: the aten op it was made from
+
+
+def _literal_list(raw: str | None) -> list[str]:
+    if not raw:
+        return []
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _nodes(exported: Path) -> dict[str, _Node]:
+    """ONNX node name -> what the exporter recorded about it (main graph)."""
     from bnfold import io as _io
 
     model = _io.load(exported)
-    out: dict[str, tuple[str, list[str]]] = {}
+    out: dict[str, _Node] = {}
     for node in model.graph:
-        raw = node.metadata_props.get(_SCOPES_KEY)
-        scopes: list[str] = []
-        if raw:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                value = None
-            if isinstance(value, list):
-                scopes = [v for v in value if isinstance(v, str) and v]
-        out[node.name or ""] = (node.op_type, scopes)
+        classes = _literal_list(node.metadata_props.get(_CLASSES_KEY))
+        scopes = [v for v in _literal_list(node.metadata_props.get(_SCOPES_KEY)) if v]
+        out[node.name or ""] = _Node(node.op_type, scopes, classes[-1] if classes else "")
     return out
 
 
@@ -57,53 +69,65 @@ def _bn_modules(module: Any) -> list[tuple[str, Any]]:
     return [(p, m) for p, m in module.named_modules() if p and rec.is_site(m)]
 
 
+def _fused_by_exporter(nodes: dict[str, _Node]) -> dict[str, tuple[str, _Node]]:
+    """Module path (or node name) -> the Conv/Gemm node that the exporter made from a batch_norm
+    op: its optimizer fuses the BN into the Conv and keeps the BN's metadata on the result."""
+    fused: dict[str, tuple[str, _Node]] = {}
+    for name, n in nodes.items():
+        if n.op in _FUSED_INTO and "batch_norm" in n.origin:
+            key = n.scopes[-2] if len(n.scopes) >= 2 else name
+            fused.setdefault(key, (name, n))
+    return fused
+
+
 def account_bn_modules(module: Any, exported: Path, report: FoldReport) -> None:
-    """Name the module of each ONNX decision and add one per BN module the graph does not show."""
+    """Name the module of each ONNX decision; add one per BN the exporter fused, and one per BN
+    module of ``module`` that no exported node comes from."""
     bns = _bn_modules(module)
-    if not bns:
-        return
     paths = {p for p, _ in bns}
-    nodes = _node_scopes(exported)
+    classes = {p: type(m).__name__ for p, m in bns}
+    nodes = _nodes(exported)
 
     def owner(scopes: list[str]) -> str | None:
-        mine = [s for s in scopes if s in paths]
+        mine = [sc for sc in scopes if sc in paths]
         return mine[-1] if mine else None  # the innermost BN module
 
     decided: set[str] = set()
     for i, d in enumerate(report.decisions):
         parts = d.name.split(" + ")  # a decomposed BN is named by its nodes, "Mul + Add"
-        scopes = [sc for part in parts for sc in nodes.get(part, ("", []))[1]]
+        scopes = [sc for part in parts if part in nodes for sc in nodes[part].scopes]
         p = owner(scopes) if d.graph == "main" else None
         if p is not None:
             decided.add(p)
             detail = f"{d.detail}; module {p!r}" if d.detail else f"module {p!r}"
             report.decisions[i] = dataclasses.replace(d, detail=detail)
-    for path, m in bns:
-        if path in decided:
+    for key, (target, n) in _fused_by_exporter(nodes).items():
+        if key in decided:
             continue
-        report.decisions.append(_undecided(path, type(m).__name__, nodes, owner))
-
-
-def _undecided(
-    path: str, cls: str, nodes: dict[str, tuple[str, list[str]]], owner: Any
-) -> BNDecision:
-    """The decision for a BN module bnfold's ONNX pass made none for."""
-    from_it = [(name, op) for name, (op, scopes) in nodes.items() if owner(scopes) == path]
-    fused = [(name, op) for name, op in from_it if op in _FUSED_INTO]
-    name = f"{path} ({cls})"
-    if fused and not any(op == "BatchNormalization" for _, op in from_it):
-        target, op = fused[0]
-        return BNDecision(
-            name=name,
-            folded=True,
-            fused_by_exporter=True,
-            direction="backward",
-            target=target,
-            target_op=op,
-            detail=f"fused into {op} {target!r} by the exporter's optimizer (torch.onnx.export "
-            "dynamo=True, optimize=True) before bnfold saw the graph",
+        decided.add(key)
+        name = f"{key} ({classes[key]})" if key in classes else key
+        report.decisions.append(
+            BNDecision(
+                name=name,
+                folded=True,
+                fused_by_exporter=True,
+                direction="backward",
+                target=target,
+                target_op=n.op,
+                detail=f"fused into {n.op} {target!r} by the exporter's optimizer "
+                "(torch.onnx.export dynamo=True, optimize=True) before bnfold saw the graph",
+            )
         )
-    if not from_it:
+    for path, _m in bns:
+        if path not in decided:
+            report.decisions.append(_undecided(path, classes[path], nodes, owner))
+
+
+def _undecided(path: str, cls: str, nodes: dict[str, _Node], owner: Any) -> BNDecision:
+    """A BN module of the nn.Module that neither bnfold nor the exporter folded."""
+    ops = sorted({n.op for n in nodes.values() if owner(n.scopes) == path})
+    name = f"{path} ({cls})"
+    if not ops:
         return BNDecision(
             name=name,
             folded=False,
@@ -111,11 +135,10 @@ def _undecided(
             detail="no node of the exported graph comes from this module: the forward does not call "
             "it on the example inputs (or the exporter removed it)",
         )
-    ops = ", ".join(sorted({op for _, op in from_it}))
     return BNDecision(
         name=name,
         folded=False,
         reason=SkipReason.CUSTOM_FORWARD,
-        detail=f"the exported graph computes it with {ops}, which bnfold's ONNX pass did not "
-        "recognise as a BatchNorm",
+        detail=f"the exported graph computes it with {', '.join(ops)}, which bnfold's ONNX pass "
+        "did not recognise as a BatchNorm",
     )

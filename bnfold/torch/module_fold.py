@@ -192,7 +192,7 @@ def _module_options(options: FoldOptions | None, **keywords: Any) -> FoldOptions
     opts = FoldOptions.from_keywords(options, **keywords)
     opts.refuse(
         ("lower_remaining", "duplicate_shared", "external_data", "bench", "input_shapes", "opset")
-        + ("trust_pickle",),
+        + ("trust_pickle", "exporter"),
         "bnfold.torch.fold_module",
         "it folds the module itself and writes no ONNX file; use bnfold.torch.export for those",
     )

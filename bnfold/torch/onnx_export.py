@@ -113,19 +113,26 @@ def export(
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
         bench=bench,
+        exporter=exporter,
     )
     opts.refuse(
         ("input_shapes", "trust_pickle"),
         "bnfold.torch.export",
         "the module is given and example_inputs fix the shapes",
     )
-    if exporter not in ("dynamo", "torchscript"):
-        raise UsageError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     torch = _import_torch()
     _check_module_state(module)
+    program = None
     if isinstance(module, torch.export.ExportedProgram):
-        module = module.module()
-    names = _Names(input_names, output_names, dynamic_batch, exporter)
+        program, module = module, module.module()
+    chosen = opts.exporter
+    if chosen == "dynamo" and isinstance(module, torch.jit.ScriptModule):
+        logger.warning(
+            "a TorchScript module can only be exported by the legacy TorchScript exporter: "
+            "using it (exporter='torchscript')"
+        )
+        chosen = "torchscript"
+    names = _Names(input_names, output_names, dynamic_batch, chosen, program)
     return _export(module, example_inputs, path, opts, names)
 
 
@@ -137,6 +144,7 @@ class _Names:
     outputs: Sequence[str] | None
     dynamic_batch: bool
     exporter: str = "dynamo"
+    program: Any = None  # the ExportedProgram given, which the dynamo exporter takes as it is
 
 
 def _export(
@@ -164,7 +172,11 @@ def _export(
         exported = work / "exported.onnx"
         t1 = time.perf_counter()
         spec = _ExportSpec(names_in, names_out, dynamic_axes, opts.opset, names.exporter)
-        _torch_onnx_export(module, args, exported, spec)
+        source = (
+            names.program if names.program is not None and spec.exporter == "dynamo" else module
+        )
+        if not _torch_onnx_export(source, args, exported, spec):
+            samples, references = samples[:1], references[:1]  # exported with a static batch
         timings["export"] = time.perf_counter() - t1
         report, ir_model = _fold_export(exported, opts, module, out_path, timings)
         if names.exporter == "dynamo":
@@ -247,8 +259,9 @@ class _ExportSpec:
     exporter: str
 
 
-def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSpec) -> None:
-    """Run torch's exporter (``spec.exporter``), writing the unfolded model to ``exported``."""
+def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSpec) -> bool:
+    """Run torch's exporter (``spec.exporter``), writing the unfolded model to ``exported``.
+    False when the batch dimension asked to be dynamic had to be exported static."""
     torch = _import_torch()
     common = {
         "input_names": spec.names_in,
@@ -275,8 +288,9 @@ def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSp
                     training=torch.onnx.TrainingMode.PRESERVE,  # checked above: eval
                     **common,
                 )
+                return True
             else:
-                _dynamo_export(torch, module, args, exported, spec.opset, common)
+                return _dynamo_export(torch, module, args, exported, spec.opset, common)
         except Exception as exc:
             raise InvalidModelError(
                 f"torch.onnx.export ({spec.exporter} exporter) failed: {_first_line(exc)}"
@@ -295,24 +309,40 @@ def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSp
 
 def _dynamo_export(
     torch: Any, module: Any, args: tuple, exported: Path, opset: int, common: dict[str, Any]
-) -> None:
+) -> bool:
+    """torch.onnx.export(dynamo=True); False when the batch could not be exported dynamic."""
     opset_version = opset if opset >= 18 else None
     if opset_version is None:
-        logger.info(
-            "opset %d is below the dynamo exporter's minimum (18): using its default", opset
+        logger.info("opset %d is below the dynamo exporter's minimum (18): its default", opset)
+
+    def run(keywords: dict[str, Any]) -> Any:
+        return torch.onnx.export(
+            module,
+            tuple(args),
+            dynamo=True,
+            optimize=True,  # onnxscript's optimizer: constant folding, Conv+BN fusion (accounted)
+            opset_version=opset_version,
+            verbose=False,
+            **keywords,
         )
-    program = torch.onnx.export(
-        module,
-        tuple(args),
-        dynamo=True,
-        optimize=True,  # onnxscript's optimizer: constant folding, Conv+BN fusion (accounted for)
-        opset_version=opset_version,
-        verbose=False,
-        **common,
-    )
+
+    dynamic = common.get("dynamic_axes") is not None
+    try:
+        program = run(common)
+    except Exception as exc:
+        if not dynamic:
+            raise
+        logger.warning(
+            "the dynamo exporter cannot export the batch dimension as dynamic (%s): exporting "
+            "static shapes",
+            _first_line(exc),
+        )
+        program = run({**common, "dynamic_axes": None})
+        dynamic = False
     if program is None:  # pragma: no cover - torch returns the ONNXProgram with dynamo=True
         raise InvalidModelError("torch.onnx.export returned no program")
     program.save(str(exported))
+    return dynamic
 
 
 def _fold_export(

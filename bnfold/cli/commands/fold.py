@@ -21,6 +21,7 @@ from bnfold.cli.options import (
     AtolOpt,
     BenchOpt,
     DuplicateSharedOpt,
+    ExporterOpt,
     ExternalDataOpt,
     InputShapeOpt,
     JobsOpt,
@@ -62,6 +63,7 @@ def fold(
     lower_remaining: LowerRemainingOpt = False,
     duplicate_shared: DuplicateSharedOpt = False,
     trust_pickle: TrustPickleOpt = False,
+    exporter: ExporterOpt = "dynamo",
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     verbose: VerboseOpt = False,
@@ -89,6 +91,7 @@ def fold(
         duplicate_shared=duplicate_shared,
         bench=bench,
         trust_pickle=trust_pickle,
+        exporter=exporter,
     )
     inputs = expand_inputs(models)
     if not inputs:
