@@ -23,6 +23,7 @@ from ._common import (
     _looks_like_producer,
     _producer_kind,
 )
+from ._forward import Forward, match_forward
 from ._scopes import _describe_node, _Run, _Scope, _static_rank
 from .bn_like import BNLike, Recognizer
 
@@ -120,6 +121,7 @@ class _Folder:
         recognizer: Recognizer,
     ) -> None:
         self.rec = recognizer
+        self.decided: set[int] = set()  # ids of the BNs with a decision per call site
         self.replacement: dict[int, Any] = {}  # BN id -> what replaces it once folded
         self.root, self.scopes, self.paths, self.run, self.rewrite = (
             root,
@@ -166,6 +168,7 @@ class _Folder:
 
     def decide(self, scope: _Scope, nb: Any) -> None:
         bn = scope.module.get_submodule(nb.target)
+        self.decided.add(id(bn))
         k = self.site_index[id(bn)] = self.site_index.get(id(bn), 0) + 1
         n = self.site_total[id(bn)]
         bn_path = self.paths.get(id(bn), _join(scope.path, nb.target))
@@ -174,6 +177,13 @@ class _Folder:
         pair = self._match(scope, nb, bn, bn_path)
         if not isinstance(pair, _Pair):
             reason, detail = pair
+            if reason in _TRY_FORWARD:
+                fwd = match_forward(self, scope, nb, bn, self.rec.classify(bn))
+                if isinstance(fwd, Forward):
+                    self._fold_forward(scope, nb, bn, fwd)
+                    self.decisions.append((key, _forward_decision(name, fwd)))
+                    return
+                reason, detail = _kept_why(reason, detail, fwd)
             self.decisions.append(
                 (key, BNDecision(name=name, folded=False, reason=reason, detail=detail))
             )
@@ -391,6 +401,14 @@ class _Folder:
             scope.graph.erase_node(nb)
         self.in_place_bns.append(bn)
 
+    def _fold_forward(self, scope: _Scope, nb: Any, bn: Any, fwd: Forward) -> None:
+        _apply(fwd.consumer, _Folded(fwd.weight, fwd.bias, fwd.created_bias))
+        self.f64[id(fwd.consumer)] = (fwd.weight, fwd.bias)
+        self.replacement[id(bn)] = _tail_module(self.rec.classify(bn))
+        nb.replace_all_uses_with(nb.args[0])
+        scope.graph.erase_node(nb)
+        self.in_place_bns.append(bn)
+
     def _fold_at_call_site(self, scope: _Scope, nb: Any, bn: Any, pair: _Pair) -> str:
         """Point this call at a folded private copy of the producer; returns the copy's path."""
         private = copy.deepcopy(pair.prod)
@@ -423,7 +441,7 @@ class _Folder:
     # --- BNs no traced graph calls, and the result -------------------------------------------------
 
     def decide_unreached(self) -> None:
-        decided = {id(scope.module.get_submodule(nb.target)) for scope, nb in self.bn_sites}
+        decided = self.decided
         owner: dict[int, _Scope] = {}  # child id -> the untraceable scope that calls it directly
         for s in self.scopes:
             if s.graph is None:
@@ -529,3 +547,43 @@ def _like_note(bn: Any, like: BNLike) -> str:
     if like.kind == "registered":
         return f"; {name} folded with its registered affine (register_bn_like / bn_like)"
     return ""
+
+
+# A BN without a foldable producer may still fold into what consumes its output.
+_TRY_FORWARD = (
+    SkipReason.NO_PRODUCER,
+    SkipReason.UNSUPPORTED_PRODUCER,
+    SkipReason.PRODUCER_OUTPUT_SHARED,
+)
+# Forward refusals that say more than "the producer is not foldable".
+_FORWARD_REASONS = (
+    SkipReason.PADDED_CONSUMER,
+    SkipReason.NON_POSITIVE_SCALE,
+    SkipReason.UNKNOWN_LAYOUT,
+    SkipReason.UNSUPPORTED_LAYOUT,
+    SkipReason.MODULE_REUSED,
+)
+
+
+def _kept_why(
+    reason: SkipReason, detail: str, fwd: tuple[SkipReason, str]
+) -> tuple[SkipReason, str]:
+    f_reason, f_detail = fwd
+    if f_reason in _FORWARD_REASONS:
+        return f_reason, f"forward: {f_detail}; backward: {detail}"
+    return reason, f"{detail}; forward: {f_detail}"
+
+
+def _forward_decision(name: str, fwd: Forward) -> BNDecision:
+    axis = "features" if fwd.kind == "linear" else "channels"
+    via = f" (through {', '.join(fwd.through)})" if fwd.through else ""
+    what_bias = "bias created" if fwd.created_bias else "bias updated"
+    return BNDecision(
+        name=name,
+        folded=True,
+        direction="forward",
+        target=fwd.path,
+        target_op=type(fwd.consumer).__name__,
+        detail=f"folded into the layer after it{via}: weight scaled along its input {axis}; "
+        f"{what_bias}",
+    )
