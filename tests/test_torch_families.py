@@ -361,3 +361,35 @@ def test_torchscript_exporter_is_an_explicit_fallback_that_logs_its_deprecation(
     assert "torch.onnx.export:" in text  # torch's own deprecation warning, routed to the log
     with pytest.raises(Exception, match="exporter must be 'dynamo' or 'torchscript'"):
         bt.export(model, x_like(1, 3, 6, 6), tmp_path / "u.onnx", exporter="onnx")
+
+
+# ------------------------------------------------------------------- LeViT's Linear -> flatten
+class LinearNorm(nn.Module):
+    """timm.models.levit.LinearNorm: Linear on [B, T, C], BatchNorm1d on [B·T, C], back to 3-D."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(i, o, bias=False)
+        self.bn = nn.BatchNorm1d(o)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_levit_linear_flatten_batchnorm1d_folds_into_the_linear():
+    model = randomize(nn.Sequential(LinearNorm(8, 16), nn.GELU(), LinearNorm(16, 4)))
+    x = x_like(2, 5, 8)
+    result = bt.fold_module(model, (x,))
+    assert [(d.folded, d.target) for d in result.decisions] == [
+        (True, "0.linear"),
+        (True, "2.linear"),
+    ]
+    assert result.verification.passed
+    assert calls(result.module, (nn.BatchNorm1d,), x) == 0
+    # without example inputs, the rank after flatten(0, 1) is unknown: kept, and it says so
+    assert {d.reason for d in bt.fold_module(model).decisions} == {SkipReason.UNKNOWN_LAYOUT}
+    # on a 4-D input, flatten(0, 1) leaves [B·T, U, C]: BatchNorm1d normalises U, not C
+    four = randomize(nn.Sequential(LinearNorm(4, 3)))
+    (d,) = bt.fold_module(four, (x_like(2, 3, 3, 4),)).decisions
+    assert not d.folded and d.reason is SkipReason.UNSUPPORTED_LAYOUT

@@ -105,6 +105,11 @@ class _Pair:
     desc: str
     folded: _Folded
     like: BNLike
+    out: Any = None  # the node whose value replaces the BN's (the flatten after a Linear)
+
+    @property
+    def value(self) -> Any:
+        return self.out if self.out is not None else self.src
 
 
 class _Folder:
@@ -247,6 +252,9 @@ class _Folder:
         src = nb.args[0] if nb.args else nb.kwargs.get("input")
         if not isinstance(src, Node) or src.op in ("placeholder", "get_attr"):
             return SkipReason.NO_PRODUCER, f"its input is {_describe_node(src, scope, self.paths)}"
+        flat = src if _is_flatten_01(src) and len(src.users) == 1 else None
+        if flat is not None and isinstance(flat.args[0], Node):
+            src = flat.args[0]  # LeViT: Linear [B, T, C] -> flatten(0, 1) -> BatchNorm1d
         prod = scope.module.get_submodule(src.target) if src.op == "call_module" else None
         pk = _producer_kind(prod) if prod is not None else None
         if pk is None:
@@ -260,11 +268,12 @@ class _Folder:
         kind, dims = pk
         prod_path = self.paths.get(id(prod), _join(scope.path, src.target))
         desc = f"{type(prod).__name__} {prod_path!r}"
-        if len(src.users) != 1:
+        value_users = [u for u in src.users if not _reads_shape_only(u, src)]
+        if len(value_users) != 1:
             others = [
                 _describe_node(u, scope, self.paths) if u.op != "output" else "the forward's output"
-                for u in src.users
-                if u is not nb
+                for u in value_users
+                if u is not nb and u is not flat
             ]
             return (
                 SkipReason.PRODUCER_OUTPUT_SHARED,
@@ -290,7 +299,11 @@ class _Folder:
                 SkipReason.SHAPE_MISMATCH,
                 f"{type(bn).__name__} has {like.num_features} channels but {desc} produces {c_out}",
             )
-        layout = self._layout_refusal(scope, src, bn, kind, dims, desc)
+        layout = (
+            self._flatten_refusal(bn, kind, desc)
+            if flat is not None
+            else self._layout_refusal(scope, src, bn, kind, dims, desc)
+        )
         if layout is not None:
             return layout
         try:
@@ -300,7 +313,7 @@ class _Folder:
             _from_f64(folded.bias, prod.bias if prod.bias is not None else prod.weight, "bias")
         except numerics.FoldRefused as refused:
             return SkipReason(refused.reason), refused.detail
-        return _Pair(src, prod, kind, prod_path, desc, folded, like)
+        return _Pair(src, prod, kind, prod_path, desc, folded, like, flat)
 
     def _layout_refusal(
         self, scope: _Scope, src: Any, bn: Any, kind: str, dims: int, desc: str
@@ -325,6 +338,24 @@ class _Folder:
             return SkipReason.UNSUPPORTED_LAYOUT, (
                 f"{desc} runs on unbatched input (rank {rank}): {bn_type} normalises another axis "
                 "than its output channels"
+            )
+        return None
+
+    def _flatten_refusal(self, bn: Any, kind: str, desc: str) -> tuple[SkipReason, str] | None:
+        """Linear -> flatten(0, 1) -> BN: folds when the Linear's output is [B, T, C] (so the BN
+        sees [B·T, C] and normalises the Linear's features), which the BN's input rank 2 shows."""
+        ranks = self.run.bn_ranks.get(id(bn)) if self.run is not None else None
+        if kind != "linear":
+            return SkipReason.UNSUPPORTED_LAYOUT, f"flatten(0, 1) after {desc} mixes its axes"
+        if not ranks:
+            return SkipReason.UNKNOWN_LAYOUT, (
+                f"cannot tell whether flatten(0, 1) of the output of {desc} leaves its features on "
+                "axis 1; pass example_inputs"
+            )
+        if ranks != {2}:
+            return SkipReason.UNSUPPORTED_LAYOUT, (
+                f"{type(bn).__name__} sees a rank-{max(ranks)} tensor after flatten(0, 1): it "
+                f"normalises another axis than {desc}'s features"
             )
         return None
 
@@ -397,7 +428,7 @@ class _Folder:
         self.f64[id(pair.prod)] = (pair.folded.weight, pair.folded.bias)
         self.replacement[id(bn)] = _tail_module(pair.like)
         if not pair.like.tail:
-            nb.replace_all_uses_with(pair.src)
+            nb.replace_all_uses_with(pair.value)
             scope.graph.erase_node(nb)
         self.in_place_bns.append(bn)
 
@@ -431,7 +462,7 @@ class _Folder:
             scope.copies[tail_name] = _tail_module(pair.like)
             nb.target = tail_name
         else:
-            nb.replace_all_uses_with(pair.src)
+            nb.replace_all_uses_with(pair.value)
             scope.graph.erase_node(nb)
         self.replacement.setdefault(id(bn), _tail_module(pair.like))
         scope.rewritten = True
@@ -586,4 +617,32 @@ def _forward_decision(name: str, fwd: Forward) -> BNDecision:
         target_op=type(fwd.consumer).__name__,
         detail=f"folded into the layer after it{via}: weight scaled along its input {axis}; "
         f"{what_bias}",
+    )
+
+
+def _is_flatten_01(node: Any) -> bool:
+    """``x.flatten(0, 1)`` / ``torch.flatten(x, 0, 1)``."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if getattr(node.target, "__name__", node.target) != "flatten":
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start == 0 and end == 1
+
+
+_SHAPE_METHODS = {"reshape_as", "view_as", "expand_as"}
+
+
+def _reads_shape_only(user: Any, value: Any) -> bool:
+    """``y.reshape_as(value)`` (value as the template), ``value.size()``, ``value.shape``, ``.ndim``."""
+    if user.op == "call_method" and user.target in _SHAPE_METHODS:
+        return len(user.args) > 1 and user.args[1] is value and user.args[0] is not value
+    if user.op == "call_method" and user.target in ("size", "dim"):
+        return True
+    return (
+        user.op == "call_function"
+        and getattr(user.target, "__name__", "") == "getattr"
+        and len(user.args) > 1
+        and user.args[1] in ("shape", "ndim", "dtype", "device")
     )
