@@ -393,3 +393,18 @@ def test_levit_linear_flatten_batchnorm1d_folds_into_the_linear():
     four = randomize(nn.Sequential(LinearNorm(4, 3)))
     (d,) = bt.fold_module(four, (x_like(2, 3, 3, 4),)).decisions
     assert not d.folded and d.reason is SkipReason.UNSUPPORTED_LAYOUT
+
+
+def test_exporter_option_is_checked_and_refused_where_it_cannot_apply(tmp_path):
+    from bnfold import FoldOptions, fold
+    from bnfold.errors import UsageError
+
+    with pytest.raises(UsageError, match="exporter must be 'dynamo' or 'torchscript'"):
+        FoldOptions(exporter="tracing")
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(UsageError, match="exporter"):
+        bt.fold_module(model, options=FoldOptions(exporter="torchscript"))
+    onnx_in = tmp_path / "m.onnx"
+    bt.export(model, x_like(1, 3, 6, 6), onnx_in, verify=False)
+    with pytest.raises(UsageError, match=r"exporter \(--exporter\)"):
+        fold(onnx_in, tmp_path / "o.onnx", options=FoldOptions(exporter="torchscript"))

@@ -235,7 +235,6 @@ class _Folder:
     ) -> _Pair | tuple[SkipReason, str]:
         """The producer to fold into, or why there is none. Early returns, one per case."""
         from torch.fx import Node
-        from torch.nn.utils import parametrize
 
         opaque = scope.opaque_caller
         if opaque is not None and self.run is None:
@@ -279,20 +278,9 @@ class _Folder:
                 SkipReason.PRODUCER_OUTPUT_SHARED,
                 f"the output of {desc} is also used by {', '.join(others)}",
             )
-        if _has_hooks(prod):
-            return SkipReason.HAS_HOOKS, f"{desc} has forward hooks"
-        if parametrize.is_parametrized(prod):
-            return (
-                SkipReason.UNSUPPORTED_PRODUCER,
-                f"{desc} has a parametrized weight (torch.nn.utils.parametrize)",
-            )
-        bad = [
-            f"its {what} is {str(t.dtype).removeprefix('torch.')}"
-            for what, t in (("weight", prod.weight), ("bias", prod.bias))
-            if t is not None and str(t.dtype) not in _FLOAT_NP
-        ]
-        if bad:
-            return SkipReason.UNSUPPORTED_DTYPE, f"{desc}: {', '.join(bad)}"
+        refused = _producer_refusal(prod, desc)
+        if refused is not None:
+            return refused
         c_out = _out_features(prod, kind)
         if c_out != like.num_features:
             return (
@@ -618,6 +606,27 @@ def _forward_decision(name: str, fwd: Forward) -> BNDecision:
         detail=f"folded into the layer after it{via}: weight scaled along its input {axis}; "
         f"{what_bias}",
     )
+
+
+def _producer_refusal(prod: Any, desc: str) -> tuple[SkipReason, str] | None:
+    """Hooks, a parametrized weight or a non-float dtype on the producer."""
+    from torch.nn.utils import parametrize
+
+    if _has_hooks(prod):
+        return SkipReason.HAS_HOOKS, f"{desc} has forward hooks"
+    if parametrize.is_parametrized(prod):
+        return (
+            SkipReason.UNSUPPORTED_PRODUCER,
+            f"{desc} has a parametrized weight (torch.nn.utils.parametrize)",
+        )
+    bad = [
+        f"its {what} is {str(t.dtype).removeprefix('torch.')}"
+        for what, t in (("weight", prod.weight), ("bias", prod.bias))
+        if t is not None and str(t.dtype) not in _FLOAT_NP
+    ]
+    if bad:
+        return SkipReason.UNSUPPORTED_DTYPE, f"{desc}: {', '.join(bad)}"
+    return None
 
 
 def _is_flatten_01(node: Any) -> bool:
