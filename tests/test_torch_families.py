@@ -408,3 +408,35 @@ def test_exporter_option_is_checked_and_refused_where_it_cannot_apply(tmp_path):
     bt.export(model, x_like(1, 3, 6, 6), onnx_in, verify=False)
     with pytest.raises(UsageError, match=r"exporter \(--exporter\)"):
         fold(onnx_in, tmp_path / "o.onnx", options=FoldOptions(exporter="torchscript"))
+
+
+# ------------------------------------------------------------------------ concat of Convs
+class MixedConv(nn.Module):
+    """mixnet's MixedConv2d + BatchNormAct2d: split, one depthwise Conv per slice, cat, BN."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(4, 4, k, padding=k // 2, groups=4, bias=False) for k in (3, 5, 7)]
+        )
+        self.bn = BatchNormAct2dLike(12)
+        self.shared = shared
+
+    def forward(self, x):
+        a, b, c = torch.split(x, [4, 4, 4], 1)
+        first = self.convs[0](a)
+        y = self.bn(torch.cat([first, self.convs[1](b), self.convs[2](c)], 1))
+        return y + first.mean() if self.shared else y
+
+
+def test_bn_after_a_concat_of_convs_is_split_by_channel_slices():
+    model = randomize(MixedConv())
+    x = x_like(2, 12, 9, 9)
+    result = bt.fold_module(model, (x,))
+    (d,) = result.decisions
+    assert d.folded and d.target == "convs.0, convs.1, convs.2"
+    assert result.verification.passed
+    assert calls(result.module, (nn.BatchNorm2d,), x) == 0
+    # a Conv whose output is also used elsewhere: kept, the concat is not foldable
+    (kept,) = bt.fold_module(randomize(MixedConv(shared=True)), (x,)).decisions
+    assert not kept.folded and kept.reason is SkipReason.PRODUCER_OUTPUT_SHARED

@@ -23,6 +23,7 @@ from ._common import (
     _looks_like_producer,
     _producer_kind,
 )
+from ._concat import Concat, is_channel_cat, match_concat
 from ._forward import Forward, match_forward
 from ._scopes import _describe_node, _Run, _Scope, _static_rank
 from .bn_like import BNLike, Recognizer
@@ -182,6 +183,15 @@ class _Folder:
         pair = self._match(scope, nb, bn, bn_path)
         if not isinstance(pair, _Pair):
             reason, detail = pair
+            src = nb.args[0] if nb.args else None
+            if reason is SkipReason.UNSUPPORTED_PRODUCER and is_channel_cat(src):
+                like = self.rec.classify(bn)
+                cat = match_concat(self, scope, src, bn, like)
+                if isinstance(cat, Concat):
+                    self._fold_concat(scope, nb, bn, cat, like)
+                    self.decisions.append((key, _concat_decision(name, bn, cat, like)))
+                    return
+                reason, detail = cat
             if reason in _TRY_FORWARD:
                 fwd = match_forward(self, scope, nb, bn, self.rec.classify(bn))
                 if isinstance(fwd, Forward):
@@ -420,6 +430,16 @@ class _Folder:
             scope.graph.erase_node(nb)
         self.in_place_bns.append(bn)
 
+    def _fold_concat(self, scope: _Scope, nb: Any, bn: Any, cat: Concat, like: BNLike) -> None:
+        for m, _path, w, b, created in cat.convs:
+            _apply(m, _Folded(w, b, created))
+            self.f64[id(m)] = (w, b)
+        self.replacement[id(bn)] = _tail_module(like)
+        if not like.tail:
+            nb.replace_all_uses_with(cat.cat)
+            scope.graph.erase_node(nb)
+        self.in_place_bns.append(bn)
+
     def _fold_forward(self, scope: _Scope, nb: Any, bn: Any, fwd: Forward) -> None:
         _apply(fwd.consumer, _Folded(fwd.weight, fwd.bias, fwd.created_bias))
         self.f64[id(fwd.consumer)] = (fwd.weight, fwd.bias)
@@ -654,4 +674,17 @@ def _reads_shape_only(user: Any, value: Any) -> bool:
         and getattr(user.target, "__name__", "") == "getattr"
         and len(user.args) > 1
         and user.args[1] in ("shape", "ndim", "dtype", "device")
+    )
+
+
+def _concat_decision(name: str, bn: Any, cat: Concat, like: BNLike) -> BNDecision:
+    slices = ", ".join(f"{path!r}" for _, path, *_ in cat.convs)
+    return BNDecision(
+        name=name,
+        folded=True,
+        direction="backward",
+        target=", ".join(path for _, path, *_ in cat.convs),
+        target_op=type(cat.convs[0][0]).__name__,
+        detail=f"split by channel slices over the concatenated Convs {slices}: each weight "
+        f"scaled along its output channels, bias updated{_like_note(bn, like)}",
     )
