@@ -121,6 +121,16 @@ def account_bn_modules(module: Any, exported: Path, report: FoldReport) -> None:
     for path, _m in bns:
         if path not in decided:
             report.decisions.append(_undecided(path, classes[path], nodes, owner))
+    # in the order the exported graph runs them (a fused BN where its Conv is), main graph first
+    position = {name: i for i, name in enumerate(nodes)}
+
+    def where(d: BNDecision) -> tuple[int, int]:
+        if d.graph != "main":
+            return (1, 0)
+        names = [d.target] if d.fused_by_exporter else d.name.split(" + ")
+        return (0, min((position[n] for n in names if n in position), default=len(position)))
+
+    report.decisions.sort(key=where)
 
 
 def _undecided(path: str, cls: str, nodes: dict[str, _Node], owner: Any) -> BNDecision:
