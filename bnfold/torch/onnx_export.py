@@ -177,6 +177,16 @@ def _export(
         )
         if not _torch_onnx_export(source, args, exported, spec):
             samples, references = samples[:1], references[:1]  # exported with a static batch
+        elif spec.dynamic_axes and len(samples) > 1 and _batch_fixed(exported, names_in, samples):
+            logger.warning(
+                "the %s exporter fixed the batch size inside the graph (the export does not run "
+                "at batch %d): exporting static shapes",
+                spec.exporter,
+                int(samples[1][0].shape[0]),
+            )
+            spec = _ExportSpec(names_in, names_out, None, opts.opset, spec.exporter)
+            _torch_onnx_export(source, args, exported, spec)
+            samples, references = samples[:1], references[:1]
         timings["export"] = time.perf_counter() - t1
         report, ir_model = _fold_export(exported, opts, module, out_path, timings)
         if names.exporter == "dynamo":
@@ -343,6 +353,28 @@ def _dynamo_export(
         raise InvalidModelError("torch.onnx.export returned no program")
     program.save(str(exported))
     return dynamic
+
+
+def _batch_fixed(exported: Path, names_in: list[str], samples: list[tuple]) -> bool:
+    """Whether ONNX Runtime runs the (unfolded) export at the example batch but not at N+1: its
+    batch axis is declared dynamic, yet the exporter fixed the size inside the graph."""
+    from bnfold import _ort
+
+    try:
+        session = _ort.make_session(str(exported), level="disable")
+    except InvalidModelError:
+        return False  # no kernel, ...: the verification says so
+    wanted = {i.name for i in session.get_inputs()}
+
+    def runs(feeds: tuple) -> bool:
+        arrays = {n: _to_numpy(a) for n, a in zip(names_in, feeds, strict=True) if n in wanted}
+        try:
+            _ort.run(session, arrays)
+        except _ort.OrtRunError:
+            return False
+        return True
+
+    return runs(samples[0]) and not runs(samples[1])
 
 
 def _fold_export(
