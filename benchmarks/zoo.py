@@ -9,8 +9,10 @@ and the time taken:
 path           what
 ============== ===========================================================================
 fold_module    ``bnfold.torch.fold_module(model, (x,))``; error: folded module vs module
-export         ``bnfold.torch.export(model, (x,), path)`` (bnfold's current exporter route);
-               error: the written ONNX file under ONNX Runtime vs module
+export         ``bnfold.torch.export(model, (x,), path)``: the dynamo exporter (its optimizer
+               on) + bnfold; "exp-fused" = decisions with status ``fused_by_exporter`` (also
+               counted in "folded"); error: the written ONNX file under ONNX Runtime vs module
+export:ts      the same with ``exporter="torchscript"`` (the legacy fallback)
 onnx:dynamo    ``torch.onnx.export(dynamo=True, optimize=False)`` (every BN survives), then
                ``bnfold.fold(verify=False)``; error: folded ONNX under ONNX Runtime vs module
                (bnfold's own ONNX-vs-ONNX verification is skipped: this check is stricter)
@@ -69,7 +71,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PATHS = ["fold_module", "export", "onnx:dynamo", "onnx:dyn-opt", "fx.fuse"]
+PATHS = ["fold_module", "export", "export:ts", "onnx:dynamo", "onnx:dyn-opt", "fx.fuse"]
 
 
 def _import_torchvision() -> Any:
@@ -265,7 +267,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _from_report(res: PathResult, report: Any) -> None:
     for d in report.decisions:
-        if d.folded:
+        if getattr(d, "fused_by_exporter", False):
+            res.exporter_fused = (res.exporter_fused or 0) + 1
+            res.folded["exporter"] += 1
+        elif d.folded:
             res.folded[d.direction or "?"] += 1
         else:
             res.kept[d.reason.value if d.reason is not None else "?"] += 1
@@ -349,13 +354,15 @@ def run_fold_module(model: Any, x: Any, ref: list[Any]) -> PathResult:
     return res
 
 
-def run_export(model: Any, x: Any, ref: list[Any], tmp: Path) -> PathResult:
+def run_export(
+    model: Any, x: Any, ref: list[Any], tmp: Path, exporter: str = "dynamo"
+) -> PathResult:
     import bnfold.torch
 
     res = PathResult()
-    out = tmp / "export.onnx"
+    out = tmp / f"export_{exporter}.onnx"
     with _quiet():
-        r = bnfold.torch.export(model, (x,), out)
+        r = bnfold.torch.export(model, (x,), out, exporter=exporter)
     _from_report(res, r.report)
     if out.exists():
         res.max_abs_err = _max_err(_ort_outputs(out, x), ref)
@@ -485,6 +492,8 @@ def run_model(spec: Spec, timeout: int, keep: Path | None, paths: list[str]) -> 
                         results[current] = run_fold_module(model, x, ref)
                     elif current == "export":
                         results[current] = run_export(model, x, ref, tmp)
+                    elif current == "export:ts":
+                        results[current] = run_export(model, x, ref, tmp, "torchscript")
                     elif current == "onnx:dynamo":
                         plain, opt = run_dynamo(model, x, ref, tmp, keep, spec.name)
                         results[current] = plain

@@ -195,7 +195,7 @@ def fold_with(
     in_place: bool = False,
 ) -> FoldResult:
     """:func:`fold` with its options as one :class:`FoldOptions`; the phases, in order."""
-    options.refuse(("opset",), "bnfold.fold", "it applies to PyTorch inputs only")
+    options.refuse(("opset", "exporter"), "bnfold.fold", "it applies to PyTorch inputs only")
     # A large weight's range is checked as it is written (one read of each weight); a fold found
     # to overflow there is refused and the model folded again from the input (nothing of the first
     # attempt is written: the staged output is discarded).

@@ -172,7 +172,12 @@ def fold_any(
         return fold_file(model, output, options=opts)
     from .api import fold_with
 
-    return fold_with(model, output, opts.replace(trust_pickle=False, opset=17), progress=progress)
+    return fold_with(
+        model,
+        output,
+        opts.replace(trust_pickle=False, opset=17, exporter="dynamo"),
+        progress=progress,
+    )
 
 
 def as_onnx(

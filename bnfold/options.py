@@ -37,6 +37,7 @@ FLAG_NAMES = {
     "bench": "--bench",
     "trust_pickle": "--trust-pickle",
     "opset": "opset",
+    "exporter": "--exporter",
 }
 
 
@@ -64,6 +65,8 @@ class FoldOptions:
         trust_pickle: PyTorch input: allow unpickling a whole ``nn.Module`` (runs code from the
             file). A permission, not an action: it changes nothing for other inputs.
         opset: ONNX opset of the export of a PyTorch input.
+        exporter: PyTorch input: ``"dynamo"`` (torch's torch.export-based exporter, the default)
+            or ``"torchscript"`` (the deprecated legacy exporter, an explicit fallback).
     """
 
     verify: bool = True
@@ -79,6 +82,7 @@ class FoldOptions:
     bench: bool = False
     trust_pickle: bool = False
     opset: int = 17
+    exporter: str = "dynamo"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", _normalized_shapes(self.input_shapes))
@@ -92,6 +96,8 @@ class FoldOptions:
             raise UsageError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 7:
             raise UsageError(f"opset must be an integer >= 7, got {self.opset!r}")
+        if self.exporter not in ("dynamo", "torchscript"):
+            raise UsageError(f"exporter must be 'dynamo' or 'torchscript', got {self.exporter!r}")
 
     @classmethod
     def from_keywords(cls, options: FoldOptions | None, **keywords: Any) -> FoldOptions:

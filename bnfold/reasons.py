@@ -46,6 +46,8 @@ class SkipReason(str, enum.Enum):
     NON_POSITIVE_SCALE = "non_positive_scale"
     UNKNOWN_SHAPE = "unknown_shape"
     SLOWER_FOLD = "slower_fold"
+    # PyTorch: a BatchNorm subclass / BN-like module whose forward bnfold cannot reduce to an affine
+    CUSTOM_FORWARD = "custom_forward"
 
     @property
     def explanation(self) -> str:
@@ -79,6 +81,7 @@ _EXPLANATIONS = {
     SkipReason.NON_POSITIVE_SCALE: "forward fold through MaxPool: max commutes with the BN only where its scale is > 0",
     SkipReason.UNKNOWN_SHAPE: "forward fold: the static shape it needs (e.g. the size flattened before a Gemm) is unknown",
     SkipReason.SLOWER_FOLD: "kept for cost: the forward fold needs a border-correction Add into a padded Conv, which would make the model slower under ONNX Runtime's default optimizations (force it with --allow-slower-folds)",
+    SkipReason.CUSTOM_FORWARD: "a BatchNorm subclass (or BN-like module) whose forward is not batch_norm followed by other modules, nor a fixed per-channel affine",
 }
 
 

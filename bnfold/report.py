@@ -14,7 +14,7 @@ JSON schema, version 1::
       "strict": bool,
       "totals": {"batchnorms": int, "folded": int, "kept": int},
       "batchnorms": [
-        {"name": str, "graph": str, "status": "folded" | "kept",
+        {"name": str, "graph": str, "status": "folded" | "kept" | "fused_by_exporter",
          "direction": "backward" | "forward" | "decomposed" | "branch" | "lowered" | null,
                                            # how it was folded (or, for "lowered", rewritten while kept)
          "target": str | null, "target_op": str | null,   # the node it was folded into
@@ -76,9 +76,14 @@ class BNDecision:
     kind: str = "batchnorm"
     # "node": a BatchNormalization node; "lowered": an exporter's Mul/Sub/Add/Div chain.
     source: str = "node"
+    # bnfold.torch.export: the BN module was fused into its Conv/Gemm by the exporter's own
+    # optimizer before bnfold saw the graph (``folded`` is True: it is gone from the output).
+    fused_by_exporter: bool = False
 
     @property
     def status(self) -> str:
+        if self.folded and self.fused_by_exporter:
+            return "fused_by_exporter"
         return "folded" if self.folded else "kept"
 
     def to_dict(self) -> dict[str, Any]:

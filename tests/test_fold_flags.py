@@ -90,7 +90,8 @@ def _one(report: dict, bn: str) -> dict:
 
 def _check_none(report, out, code):
     assert code == 0 and report["written"] and report["verification"]["passed"]
-    assert _one(report, "bn3")["status"] == "folded"
+    # a .pt2 goes through the dynamo exporter, whose optimizer fuses Conv + bn3 itself
+    assert _one(report, "bn3")["status"] in ("folded", "fused_by_exporter")
     assert _one(report, "bn2")["reason"] == "unsupported_producer"
     assert _one(report, "bn2")["direction"] is None
     assert _one(report, "bn")["reason"] == "producer_output_shared"

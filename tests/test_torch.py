@@ -499,9 +499,9 @@ def test_arguments_defaulting_to_none_are_traced_as_none():
 class Kept(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.bn_in = nn.BatchNorm2d(3)  # on the forward's argument
+        self.bn_in = nn.BatchNorm2d(3)  # on the forward's argument, before a padded Conv
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn_relu = nn.BatchNorm2d(4)  # after a ReLU
+        self.bn_relu = nn.BatchNorm2d(4)  # between two ReLUs
         self.conv2 = nn.Conv2d(4, 4, 1)
         self.bn_shared = nn.BatchNorm2d(4)  # the Conv's output is also used by the residual add
         self.hooked = nn.Conv2d(4, 4, 1)
@@ -509,7 +509,7 @@ class Kept(nn.Module):
         self.unused = nn.BatchNorm2d(4)
 
     def forward(self, x):
-        y = self.bn_relu(F.relu(self.conv(self.bn_in(x))))
+        y = F.relu(self.bn_relu(F.relu(self.conv(self.bn_in(x)))))
         z = self.conv2(y)
         return self.bn_hooked(self.hooked(self.bn_shared(z) + z))
 
@@ -521,13 +521,14 @@ def test_kept_batchnorms_say_why_and_change_nothing():
     x = x_like(2, 3, 4, 4)
     result = fold(model, (x,))
     assert reasons(result) == {
-        "bn_in": SkipReason.NO_PRODUCER,
+        "bn_in": SkipReason.PADDED_CONSUMER,  # forward into the padded Conv: not exact
         "bn_relu": SkipReason.UNSUPPORTED_PRODUCER,
         "bn_shared": SkipReason.PRODUCER_OUTPUT_SHARED,
         "bn_hooked": SkipReason.HAS_HOOKS,
         "unused": SkipReason.NOT_CALLED,
     }
     assert "relu" in {d.name: d.detail for d in result.decisions}["bn_relu"]
+    assert "forward argument" in {d.name: d.detail for d in result.decisions}["bn_in"]
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
     assert seen  # the hook still runs in the folded module

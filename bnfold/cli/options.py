@@ -243,6 +243,13 @@ TrustPickleOpt = Annotated[
         help="PyTorch input: trust the file. Allows a whole pickled nn.Module (torch.save(model)), .pt2 weights/constants/sample inputs stored as pickles, and TorchScript/.pt2 graphs that call ops with file, process or network effects (torch.from_file...). Unpickling runs code from the file: use only with files you trust. Default: all of these are refused (exit 2).",
     ),
 ]
+ExporterOpt = Annotated[
+    str,
+    typer.Option(
+        "--exporter",
+        help="PyTorch input: torch's ONNX exporter. 'dynamo' (default): the maintained torch.export-based exporter; its optimizer fuses Conv+BN itself and the report says so (status fused_by_exporter). 'torchscript': the deprecated legacy exporter, as a fallback (its deprecation warning is logged).",
+    ),
+]
 VerboseOpt = Annotated[
     bool,
     typer.Option("-v", "--verbose", help="List every BatchNormalization, also on big models."),

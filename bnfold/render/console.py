@@ -196,7 +196,7 @@ def _render_decisions(report: FoldReport, console: Console, *, verbose: bool) ->
     rows = report.decisions if verbose or len(report.decisions) <= 40 else report.kept
     for d in rows:
         if d.folded:
-            how = _styled("folded", "green")
+            how = _styled(d.status.replace("_", " "), "green")
             if d.direction and d.direction != "backward":
                 how = _join(how, f" ({d.direction})")
             if d.kind != "batchnorm":

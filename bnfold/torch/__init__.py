@@ -13,7 +13,11 @@ Three entry points, each returning the same :class:`~bnfold.report.FoldReport` a
 Where things live:
 
 * :mod:`bnfold.torch.module_fold` -- ``fold_module`` (torch.fx), with ``_scopes`` (what can be
-  traced) and ``_folder`` (the per-call-site decisions and how a fold is applied);
+  traced), ``_folder`` (the per-call-site decisions and how a fold is applied), ``_forward``
+  (forward folds into the next Conv/Linear), ``_concat`` (a BN split over concatenated Convs);
+* :mod:`bnfold.torch.bn_like` -- what counts as a BatchNorm: BN subclasses that run batch_norm
+  then modules (timm's BatchNormAct2d), frozen BNs, ``register_bn_like`` for named classes;
+* ``_accounting`` -- ``export`` on the dynamo exporter: a decision for every BN module;
 * :mod:`bnfold.torch.onnx_export` -- export → fold → verify against PyTorch → write;
 * :mod:`bnfold.torch.files` -- ``.pt2`` / TorchScript / pickle sniffing and loading, ``fold_file``;
 * ``_common`` -- the lazy torch import, module classification, state checks, tensor helpers.
@@ -35,6 +39,8 @@ __all__ = [
     "fold_module",
     "is_torch_file",
     "load_torch_file",
+    "register_bn_like",
+    "unregister_bn_like",
 ]
 
 from bnfold.errors import (
@@ -44,6 +50,7 @@ from bnfold.errors import (
     UnfoldableModuleError,
 )
 
+from .bn_like import register_bn_like, unregister_bn_like
 from .files import TorchSource, fold_file, is_torch_file, load_torch_file
 from .module_fold import ModuleFoldResult, fold_module
 from .onnx_export import export

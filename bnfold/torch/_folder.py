@@ -19,13 +19,14 @@ from ._common import (
     _f64,
     _from_f64,
     _has_hooks,
-    _is_bn,
-    _is_standard_bn,
     _join,
     _looks_like_producer,
     _producer_kind,
 )
+from ._concat import Concat, is_channel_cat, match_concat
+from ._forward import Forward, match_forward
 from ._scopes import _describe_node, _Run, _Scope, _static_rank
+from .bn_like import BNLike, Recognizer
 
 
 @dataclass
@@ -36,15 +37,10 @@ class _Folded:
 
 
 def _compute_fold(
-    prod: Any, kind: str, bn: Any, start: tuple[np.ndarray, np.ndarray | None] | None
+    prod: Any, kind: str, like: BNLike, start: tuple[np.ndarray, np.ndarray | None] | None
 ) -> _Folded:
     """Folded (weight, bias) in float64; ``start`` is the float64 state of an earlier fold."""
-    c = bn.num_features
-    gamma = _f64(bn.weight) if bn.weight is not None else np.ones(c)
-    beta = _f64(bn.bias) if bn.bias is not None else np.zeros(c)
-    s, t = numerics.bn_scale_shift(
-        gamma, beta, _f64(bn.running_mean), _f64(bn.running_var), float(bn.eps)
-    )
+    s, t = like.scale, like.shift
     if start is not None:
         w, b = start
     else:
@@ -83,10 +79,16 @@ def _replace_everywhere(root: Any, old: Any, new: Any) -> None:
 
 
 def _fold_scopes(
-    root: Any, scopes: list[_Scope], paths: dict[int, str], run: _Run | None, *, rewrite: bool
+    root: Any,
+    scopes: list[_Scope],
+    paths: dict[int, str],
+    run: _Run | None,
+    *,
+    rewrite: bool,
+    recognizer: Recognizer,
 ) -> tuple[list[BNDecision], Any]:
     """Decide and apply every fold; return the decisions (in module order) and the new root."""
-    folder = _Folder(root, scopes, paths, run, rewrite=rewrite)
+    folder = _Folder(root, scopes, paths, run, rewrite=rewrite, recognizer=recognizer)
     for scope, node in folder.bn_sites:
         folder.decide(scope, node)
     folder.decide_unreached()
@@ -103,6 +105,12 @@ class _Pair:
     path: str
     desc: str
     folded: _Folded
+    like: BNLike
+    out: Any = None  # the node whose value replaces the BN's (the flatten after a Linear)
+
+    @property
+    def value(self) -> Any:
+        return self.out if self.out is not None else self.src
 
 
 class _Folder:
@@ -116,7 +124,11 @@ class _Folder:
         run: _Run | None,
         *,
         rewrite: bool,
+        recognizer: Recognizer,
     ) -> None:
+        self.rec = recognizer
+        self.decided: set[int] = set()  # ids of the BNs with a decision per call site
+        self.replacement: dict[int, Any] = {}  # BN id -> what replaces it once folded
         self.root, self.scopes, self.paths, self.run, self.rewrite = (
             root,
             scopes,
@@ -134,7 +146,7 @@ class _Folder:
                 if node.op == "call_module":
                     m = scope.module.get_submodule(node.target)
                     self.calls[id(m)] = self.calls.get(id(m), 0) + 1
-                    if _is_bn(m):
+                    if self.rec.is_site(m):
                         self.bn_sites.append((scope, node))
                 elif node.op == "get_attr":
                     try:
@@ -162,6 +174,7 @@ class _Folder:
 
     def decide(self, scope: _Scope, nb: Any) -> None:
         bn = scope.module.get_submodule(nb.target)
+        self.decided.add(id(bn))
         k = self.site_index[id(bn)] = self.site_index.get(id(bn), 0) + 1
         n = self.site_total[id(bn)]
         bn_path = self.paths.get(id(bn), _join(scope.path, nb.target))
@@ -170,6 +183,22 @@ class _Folder:
         pair = self._match(scope, nb, bn, bn_path)
         if not isinstance(pair, _Pair):
             reason, detail = pair
+            src = nb.args[0] if nb.args else None
+            if reason is SkipReason.UNSUPPORTED_PRODUCER and is_channel_cat(src):
+                like = self.rec.classify(bn)
+                cat = match_concat(self, scope, src, bn, like)
+                if isinstance(cat, Concat):
+                    self._fold_concat(scope, nb, bn, cat, like)
+                    self.decisions.append((key, _concat_decision(name, bn, cat, like)))
+                    return
+                reason, detail = cat
+            if reason in _TRY_FORWARD:
+                fwd = match_forward(self, scope, nb, bn, self.rec.classify(bn))
+                if isinstance(fwd, Forward):
+                    self._fold_forward(scope, nb, bn, fwd)
+                    self.decisions.append((key, _forward_decision(name, fwd)))
+                    return
+                reason, detail = _kept_why(reason, detail, fwd)
             self.decisions.append(
                 (key, BNDecision(name=name, folded=False, reason=reason, detail=detail))
             )
@@ -216,7 +245,6 @@ class _Folder:
     ) -> _Pair | tuple[SkipReason, str]:
         """The producer to fold into, or why there is none. Early returns, one per case."""
         from torch.fx import Node
-        from torch.nn.utils import parametrize
 
         opaque = scope.opaque_caller
         if opaque is not None and self.run is None:
@@ -225,16 +253,17 @@ class _Folder:
                 f"{opaque.path or '<root>'!r}, whose forward torch.fx cannot trace ({opaque.error}); that "
                 "code might call these layers directly: pass example_inputs so bnfold counts the real calls"
             )
-        if not _is_standard_bn(bn):
-            return (
-                SkipReason.UNSUPPORTED_PRODUCER,
-                f"{type(bn).__name__} overrides BatchNorm's forward",
-            )
+        like = self.rec.classify(bn)
+        if isinstance(like, str):
+            return SkipReason.CUSTOM_FORWARD, like
         if _has_hooks(bn):
             return SkipReason.HAS_HOOKS, f"{type(bn).__name__} {bn_path!r} has forward hooks"
         src = nb.args[0] if nb.args else nb.kwargs.get("input")
         if not isinstance(src, Node) or src.op in ("placeholder", "get_attr"):
             return SkipReason.NO_PRODUCER, f"its input is {_describe_node(src, scope, self.paths)}"
+        flat = src if _is_flatten_01(src) and len(src.users) == 1 else None
+        if flat is not None and isinstance(flat.args[0], Node):
+            src = flat.args[0]  # LeViT: Linear [B, T, C] -> flatten(0, 1) -> BatchNorm1d
         prod = scope.module.get_submodule(src.target) if src.op == "call_module" else None
         pk = _producer_kind(prod) if prod is not None else None
         if pk is None:
@@ -248,47 +277,41 @@ class _Folder:
         kind, dims = pk
         prod_path = self.paths.get(id(prod), _join(scope.path, src.target))
         desc = f"{type(prod).__name__} {prod_path!r}"
-        if len(src.users) != 1:
+        value_users = [u for u in src.users if not _reads_shape_only(u, src)]
+        if len(value_users) != 1:
             others = [
                 _describe_node(u, scope, self.paths) if u.op != "output" else "the forward's output"
-                for u in src.users
-                if u is not nb
+                for u in value_users
+                if u is not nb and u is not flat
             ]
             return (
                 SkipReason.PRODUCER_OUTPUT_SHARED,
                 f"the output of {desc} is also used by {', '.join(others)}",
             )
-        if _has_hooks(prod):
-            return SkipReason.HAS_HOOKS, f"{desc} has forward hooks"
-        if parametrize.is_parametrized(prod):
-            return (
-                SkipReason.UNSUPPORTED_PRODUCER,
-                f"{desc} has a parametrized weight (torch.nn.utils.parametrize)",
-            )
-        bad = [
-            f"its {what} is {str(t.dtype).removeprefix('torch.')}"
-            for what, t in (("weight", prod.weight), ("bias", prod.bias))
-            if t is not None and str(t.dtype) not in _FLOAT_NP
-        ]
-        if bad:
-            return SkipReason.UNSUPPORTED_DTYPE, f"{desc}: {', '.join(bad)}"
+        refused = _producer_refusal(prod, desc)
+        if refused is not None:
+            return refused
         c_out = _out_features(prod, kind)
-        if c_out != bn.num_features:
+        if c_out != like.num_features:
             return (
                 SkipReason.SHAPE_MISMATCH,
-                f"{type(bn).__name__} has {bn.num_features} channels but {desc} produces {c_out}",
+                f"{type(bn).__name__} has {like.num_features} channels but {desc} produces {c_out}",
             )
-        layout = self._layout_refusal(scope, src, bn, kind, dims, desc)
+        layout = (
+            self._flatten_refusal(bn, kind, desc)
+            if flat is not None
+            else self._layout_refusal(scope, src, bn, kind, dims, desc)
+        )
         if layout is not None:
             return layout
         try:
-            folded = _compute_fold(prod, kind, bn, self.f64.get(id(prod)))
+            folded = _compute_fold(prod, kind, like, self.f64.get(id(prod)))
             # Round now, so that an overflow is refused before anything changes.
             _from_f64(folded.weight, prod.weight, "weight")
             _from_f64(folded.bias, prod.bias if prod.bias is not None else prod.weight, "bias")
         except numerics.FoldRefused as refused:
             return SkipReason(refused.reason), refused.detail
-        return _Pair(src, prod, kind, prod_path, desc, folded)
+        return _Pair(src, prod, kind, prod_path, desc, folded, like, flat)
 
     def _layout_refusal(
         self, scope: _Scope, src: Any, bn: Any, kind: str, dims: int, desc: str
@@ -313,6 +336,24 @@ class _Folder:
             return SkipReason.UNSUPPORTED_LAYOUT, (
                 f"{desc} runs on unbatched input (rank {rank}): {bn_type} normalises another axis "
                 "than its output channels"
+            )
+        return None
+
+    def _flatten_refusal(self, bn: Any, kind: str, desc: str) -> tuple[SkipReason, str] | None:
+        """Linear -> flatten(0, 1) -> BN: folds when the Linear's output is [B, T, C] (so the BN
+        sees [B·T, C] and normalises the Linear's features), which the BN's input rank 2 shows."""
+        ranks = self.run.bn_ranks.get(id(bn)) if self.run is not None else None
+        if kind != "linear":
+            return SkipReason.UNSUPPORTED_LAYOUT, f"flatten(0, 1) after {desc} mixes its axes"
+        if not ranks:
+            return SkipReason.UNKNOWN_LAYOUT, (
+                f"cannot tell whether flatten(0, 1) of the output of {desc} leaves its features on "
+                "axis 1; pass example_inputs"
+            )
+        if ranks != {2}:
+            return SkipReason.UNSUPPORTED_LAYOUT, (
+                f"{type(bn).__name__} sees a rank-{max(ranks)} tensor after flatten(0, 1): it "
+                f"normalises another axis than {desc}'s features"
             )
         return None
 
@@ -344,6 +385,7 @@ class _Folder:
         what_bias = "bias created" if pair.folded.created_bias else "bias updated"
         axis = "features" if pair.kind == "linear" else "channels"
         detail = f"weight scaled along its output {axis}; {what_bias}"
+        detail += _like_note(bn, pair.like)
         mine = {
             id(t): pname
             for pname in ("weight", "bias")
@@ -382,7 +424,27 @@ class _Folder:
     def _fold_in_place(self, scope: _Scope, nb: Any, bn: Any, pair: _Pair) -> None:
         _apply(pair.prod, pair.folded)
         self.f64[id(pair.prod)] = (pair.folded.weight, pair.folded.bias)
-        nb.replace_all_uses_with(pair.src)
+        self.replacement[id(bn)] = _tail_module(pair.like)
+        if not pair.like.tail:
+            nb.replace_all_uses_with(pair.value)
+            scope.graph.erase_node(nb)
+        self.in_place_bns.append(bn)
+
+    def _fold_concat(self, scope: _Scope, nb: Any, bn: Any, cat: Concat, like: BNLike) -> None:
+        for m, _path, w, b, created in cat.convs:
+            _apply(m, _Folded(w, b, created))
+            self.f64[id(m)] = (w, b)
+        self.replacement[id(bn)] = _tail_module(like)
+        if not like.tail:
+            nb.replace_all_uses_with(cat.cat)
+            scope.graph.erase_node(nb)
+        self.in_place_bns.append(bn)
+
+    def _fold_forward(self, scope: _Scope, nb: Any, bn: Any, fwd: Forward) -> None:
+        _apply(fwd.consumer, _Folded(fwd.weight, fwd.bias, fwd.created_bias))
+        self.f64[id(fwd.consumer)] = (fwd.weight, fwd.bias)
+        self.replacement[id(bn)] = _tail_module(self.rec.classify(bn))
+        nb.replace_all_uses_with(nb.args[0])
         scope.graph.erase_node(nb)
         self.in_place_bns.append(bn)
 
@@ -403,8 +465,14 @@ class _Folder:
         self.calls[id(pair.prod)] -= 1
         self.calls[id(bn)] -= 1
         pair.src.target = new_name
-        nb.replace_all_uses_with(pair.src)
-        scope.graph.erase_node(nb)
+        if pair.like.tail:  # this call now runs the kept tail, a private module
+            tail_name = f"{new_name}_tail"
+            scope.copies[tail_name] = _tail_module(pair.like)
+            nb.target = tail_name
+        else:
+            nb.replace_all_uses_with(pair.value)
+            scope.graph.erase_node(nb)
+        self.replacement.setdefault(id(bn), _tail_module(pair.like))
         scope.rewritten = True
         self.rewritten_bns[id(bn)] = bn
         return self.paths[id(private)]
@@ -412,14 +480,14 @@ class _Folder:
     # --- BNs no traced graph calls, and the result -------------------------------------------------
 
     def decide_unreached(self) -> None:
-        decided = {id(scope.module.get_submodule(nb.target)) for scope, nb in self.bn_sites}
+        decided = self.decided
         owner: dict[int, _Scope] = {}  # child id -> the untraceable scope that calls it directly
         for s in self.scopes:
             if s.graph is None:
                 for child in s.module.children():
                     owner.setdefault(id(child), s)
         for path, m in self.root.named_modules():
-            if not _is_bn(m) or id(m) in decided:
+            if not self.rec.is_site(m) or id(m) in decided:
                 continue
             key = (self.order.get(id(m), 1 << 30), 0)
             s = owner.get(id(m))
@@ -460,7 +528,7 @@ class _Folder:
             and (run is None or run.calls.get(id(bn), 0) == self.traced_calls.get(id(bn), 0))
         ]
         for bn in done:
-            _replace_everywhere(new_root, bn, nn.Identity())
+            _replace_everywhere(new_root, bn, self.replacement.get(id(bn)) or nn.Identity())
         self.decisions.sort(key=lambda kd: kd[0])
         return [d for _, d in self.decisions], new_root
 
@@ -495,3 +563,128 @@ def _resolve_attr(module: Any, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
+
+
+def _tail_module(like: BNLike) -> Any:
+    """What runs in place of a folded BN: nothing (Identity), its one tail module, or a Sequential."""
+    from torch import nn
+
+    kept = [m for _, m in like.tail if type(m) is not nn.Identity]
+    if not kept:
+        return nn.Identity()
+    return kept[0] if len(kept) == 1 else nn.Sequential(*kept)
+
+
+def _like_note(bn: Any, like: BNLike) -> str:
+    """What the decision adds for a BN that is not torch's own BatchNorm."""
+    name = type(bn).__name__
+    if like.kind == "batchnorm+tail":
+        kept = ", ".join(f"{n} ({type(m).__name__})" for n, m in like.tail)
+        return f"; {name}'s batch_norm folded, the modules it runs after it kept: {kept}"
+    if like.kind == "frozen":
+        return f"; {name} is a frozen BatchNorm (fixed affine from its buffers)"
+    if like.kind == "registered":
+        return f"; {name} folded with its registered affine (register_bn_like / bn_like)"
+    return ""
+
+
+# A BN without a foldable producer may still fold into what consumes its output.
+_TRY_FORWARD = (
+    SkipReason.NO_PRODUCER,
+    SkipReason.UNSUPPORTED_PRODUCER,
+    SkipReason.PRODUCER_OUTPUT_SHARED,
+)
+# Forward refusals that say more than "the producer is not foldable".
+_FORWARD_REASONS = (
+    SkipReason.PADDED_CONSUMER,
+    SkipReason.NON_POSITIVE_SCALE,
+    SkipReason.UNKNOWN_LAYOUT,
+    SkipReason.UNSUPPORTED_LAYOUT,
+    SkipReason.MODULE_REUSED,
+)
+
+
+def _kept_why(
+    reason: SkipReason, detail: str, fwd: tuple[SkipReason, str]
+) -> tuple[SkipReason, str]:
+    f_reason, f_detail = fwd
+    if f_reason in _FORWARD_REASONS:
+        return f_reason, f"forward: {f_detail}; backward: {detail}"
+    return reason, f"{detail}; forward: {f_detail}"
+
+
+def _forward_decision(name: str, fwd: Forward) -> BNDecision:
+    axis = "features" if fwd.kind == "linear" else "channels"
+    via = f" (through {', '.join(fwd.through)})" if fwd.through else ""
+    what_bias = "bias created" if fwd.created_bias else "bias updated"
+    return BNDecision(
+        name=name,
+        folded=True,
+        direction="forward",
+        target=fwd.path,
+        target_op=type(fwd.consumer).__name__,
+        detail=f"folded into the layer after it{via}: weight scaled along its input {axis}; "
+        f"{what_bias}",
+    )
+
+
+def _producer_refusal(prod: Any, desc: str) -> tuple[SkipReason, str] | None:
+    """Hooks, a parametrized weight or a non-float dtype on the producer."""
+    from torch.nn.utils import parametrize
+
+    if _has_hooks(prod):
+        return SkipReason.HAS_HOOKS, f"{desc} has forward hooks"
+    if parametrize.is_parametrized(prod):
+        return (
+            SkipReason.UNSUPPORTED_PRODUCER,
+            f"{desc} has a parametrized weight (torch.nn.utils.parametrize)",
+        )
+    bad = [
+        f"its {what} is {str(t.dtype).removeprefix('torch.')}"
+        for what, t in (("weight", prod.weight), ("bias", prod.bias))
+        if t is not None and str(t.dtype) not in _FLOAT_NP
+    ]
+    if bad:
+        return SkipReason.UNSUPPORTED_DTYPE, f"{desc}: {', '.join(bad)}"
+    return None
+
+
+def _is_flatten_01(node: Any) -> bool:
+    """``x.flatten(0, 1)`` / ``torch.flatten(x, 0, 1)``."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if getattr(node.target, "__name__", node.target) != "flatten":
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start == 0 and end == 1
+
+
+_SHAPE_METHODS = {"reshape_as", "view_as", "expand_as"}
+
+
+def _reads_shape_only(user: Any, value: Any) -> bool:
+    """``y.reshape_as(value)`` (value as the template), ``value.size()``, ``value.shape``, ``.ndim``."""
+    if user.op == "call_method" and user.target in _SHAPE_METHODS:
+        return len(user.args) > 1 and user.args[1] is value and user.args[0] is not value
+    if user.op == "call_method" and user.target in ("size", "dim"):
+        return True
+    return (
+        user.op == "call_function"
+        and getattr(user.target, "__name__", "") == "getattr"
+        and len(user.args) > 1
+        and user.args[1] in ("shape", "ndim", "dtype", "device")
+    )
+
+
+def _concat_decision(name: str, bn: Any, cat: Concat, like: BNLike) -> BNDecision:
+    slices = ", ".join(f"{path!r}" for _, path, *_ in cat.convs)
+    return BNDecision(
+        name=name,
+        folded=True,
+        direction="backward",
+        target=", ".join(path for _, path, *_ in cat.convs),
+        target_op=type(cat.convs[0][0]).__name__,
+        detail=f"split by channel slices over the concatenated Convs {slices}: each weight "
+        f"scaled along its output channels, bias updated{_like_note(bn, like)}",
+    )

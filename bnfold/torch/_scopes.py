@@ -32,14 +32,15 @@ def _tracer_class() -> type:
         """torch.fx tracer whose leaves are torch.nn layers, BNs, Conv/Linear (and their
         subclasses) and modules with forward hooks."""
 
-        def __init__(self, scope_root: Any) -> None:
+        def __init__(self, scope_root: Any, is_site: Any = _is_bn) -> None:
             super().__init__()
             self.scope_root = scope_root
+            self.is_site = is_site
 
         def is_leaf_module(self, m: Any, module_qualified_name: str) -> bool:
             if m is self.scope_root:
                 return False
-            if _has_hooks(m) or _is_bn(m) or _looks_like_producer(m):
+            if _has_hooks(m) or self.is_site(m) or _looks_like_producer(m):
                 return True
             return super().is_leaf_module(m, module_qualified_name)
 
@@ -65,8 +66,9 @@ class _Scope:
     opaque_caller: _Scope | None = None  # the nearest untraceable ancestor scope, if any
 
 
-def _discover(root: Any, paths: dict[int, str]) -> list[_Scope]:
-    """Trace ``root``; where that fails, its children (recursively). Hooked leaves get own scopes."""
+def _discover(root: Any, paths: dict[int, str], is_site: Any = _is_bn) -> list[_Scope]:
+    """Trace ``root``; where that fails, its children (recursively). Hooked leaves get own scopes.
+    ``is_site(module)``: a BatchNorm-like module (a leaf of every trace)."""
     tracer_cls = _tracer_class()
     scopes: list[_Scope] = []
     queue: list[tuple[str, Any, _Scope | None]] = [("", root, None)]
@@ -77,7 +79,7 @@ def _discover(root: Any, paths: dict[int, str]) -> list[_Scope]:
             continue
         seen.add(id(mod))
         if (
-            _is_bn(mod)
+            is_site(mod)
             or _looks_like_producer(mod)
             or (mod is not root and _is_torch_leaf(mod) and not _has_hooks(mod))
         ):
@@ -86,7 +88,7 @@ def _discover(root: Any, paths: dict[int, str]) -> list[_Scope]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                scope.graph = tracer_cls(mod).trace(mod, concrete_args=_none_defaults(mod))
+                scope.graph = tracer_cls(mod, is_site).trace(mod, concrete_args=_none_defaults(mod))
         except (
             Exception
         ) as exc:  # torch.fx raises many types: TraceError, TypeError, NotImplementedError...
@@ -102,7 +104,7 @@ def _discover(root: Any, paths: dict[int, str]) -> list[_Scope]:
                 if (
                     sub is not mod
                     and _has_hooks(sub)
-                    and not _is_bn(sub)
+                    and not is_site(sub)
                     and not _looks_like_producer(sub)
                 ):
                     queue.append((paths.get(id(sub), _join(path, node.target)), sub, opaque))
@@ -227,17 +229,18 @@ def _count_layers(module: Any) -> int:
 class _Run:
     """Counts the calls of BNs and producers, and records each BN call's input rank, in a real run."""
 
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, is_site: Any = _is_bn) -> None:
         self.calls: dict[int, int] = {}
         self.bn_ranks: dict[int, set[int]] = {}
         self._handles = []
+        self._is_site = is_site
         for m in root.modules():
-            if _is_bn(m) or _looks_like_producer(m):
+            if is_site(m) or _looks_like_producer(m):
                 self._handles.append(m.register_forward_pre_hook(self._hook))
 
     def _hook(self, m: Any, args: tuple) -> None:
         self.calls[id(m)] = self.calls.get(id(m), 0) + 1
-        if _is_bn(m) and args and hasattr(args[0], "dim"):
+        if self._is_site(m) and args and hasattr(args[0], "dim"):
             self.bn_ranks.setdefault(id(m), set()).add(int(args[0].dim()))
 
     def remove(self) -> None:

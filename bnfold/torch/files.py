@@ -375,6 +375,7 @@ def fold_file(
     duplicate_shared: bool = False,
     bench: bool = False,
     options: FoldOptions | None = None,
+    exporter: str = "dynamo",
 ) -> FoldResult:
     """``bnfold fold model.pt2 -o folded.onnx``: :func:`load_torch_file`, then :func:`export`.
 
@@ -395,6 +396,7 @@ def fold_file(
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
         bench=bench,
+        exporter=exporter,
     )
     src = load_torch_file(path, input_shapes=opts.input_shapes, trust_pickle=opts.trust_pickle)
     result = export(

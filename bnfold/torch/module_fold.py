@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ from ._common import (
 )
 from ._folder import _fold_scopes
 from ._scopes import _count_layers, _discover, _Run
+from .bn_like import Recognizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.compare import VerificationResult
@@ -121,6 +123,7 @@ def fold_module(
     strict: bool = False,
     verify: bool = True,
     options: FoldOptions | None = None,
+    bn_like: Mapping[type, Callable[[Any], tuple[Any, Any]]] | None = None,
 ) -> ModuleFoldResult:
     """Fold every eval-mode BatchNorm that follows a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear.
 
@@ -145,6 +148,9 @@ def fold_module(
             :class:`~bnfold.options.FoldOptions`; its ONNX-only options (``lower_remaining``,
             ``duplicate_shared``, ``external_data``, ``bench``, ``input_shapes``, ``opset``,
             ``trust_pickle``) are refused: the result is a module, not an ONNX file.
+        bn_like: more BatchNorm-like classes for this call, ``{cls: affine_fn}``, where
+            ``affine_fn(module)`` returns the per-channel ``(scale, shift)`` of the module's
+            forward ``x * scale + shift`` (axis 1); see :func:`bnfold.torch.register_bn_like`.
 
     Returns:
         A :class:`ModuleFoldResult` (``.module``, ``.report``, ``.decisions``); one decision per
@@ -168,10 +174,11 @@ def fold_module(
     nodes_before = _count_layers(work)
     args = _as_args(example_inputs) if example_inputs is not None else None
     feeds = _seeded_like(args, opts.seed) if args is not None else None
-    run, reference = _counted_run(work, feeds)
+    recognizer = Recognizer(bn_like)
+    run, reference = _counted_run(work, feeds, recognizer)
     timings["run"] = time.perf_counter() - t0
 
-    decisions, result_module = _trace_and_fold(work, run, rewrite, timings)
+    decisions, result_module = _trace_and_fold(work, run, rewrite, timings, recognizer)
 
     report = FoldReport(
         decisions=decisions,
@@ -195,7 +202,7 @@ def _module_options(options: FoldOptions | None, **keywords: Any) -> FoldOptions
     opts = FoldOptions.from_keywords(options, **keywords)
     opts.refuse(
         ("lower_remaining", "duplicate_shared", "external_data", "bench", "input_shapes", "opset")
-        + ("trust_pickle", "allow_slower_folds"),
+        + ("trust_pickle", "allow_slower_folds", "exporter"),
         "bnfold.torch.fold_module",
         "it folds the module itself and writes no ONNX file; use bnfold.torch.export for those",
     )
@@ -203,15 +210,21 @@ def _module_options(options: FoldOptions | None, **keywords: Any) -> FoldOptions
 
 
 def _trace_and_fold(
-    work: Any, run: _Run | None, rewrite: bool, timings: dict[str, float]
+    work: Any,
+    run: _Run | None,
+    rewrite: bool,
+    timings: dict[str, float],
+    recognizer: Recognizer,
 ) -> tuple[list[BNDecision], Any]:
     """Trace what torch.fx can trace, then decide and apply every fold."""
     t1 = time.perf_counter()
     paths = {id(m): name for name, m in work.named_modules()}
-    scopes = _discover(work, paths)
+    scopes = _discover(work, paths, recognizer.is_site)
     timings["trace"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    decisions, result_module = _fold_scopes(work, scopes, paths, run, rewrite=rewrite)
+    decisions, result_module = _fold_scopes(
+        work, scopes, paths, run, rewrite=rewrite, recognizer=recognizer
+    )
     timings["fold"] = time.perf_counter() - t2
     return decisions, result_module
 
@@ -237,14 +250,14 @@ def _check_foldable(module: Any) -> None:
 
 
 def _counted_run(
-    work: Any, feeds: tuple | None
+    work: Any, feeds: tuple | None, recognizer: Recognizer
 ) -> tuple[_Run | None, list[tuple[str, Any]] | None]:
     """Run the (copied) module once on ``feeds``, counting each layer's calls; its outputs are
     the reference of the verification. Nothing to do without example inputs."""
     if feeds is None:
         return None, None
     torch = _import_torch()
-    run = _Run(work)
+    run = _Run(work, recognizer.is_site)
     try:
         with torch.no_grad():
             reference = _flatten_outputs(work(*feeds))

@@ -1,6 +1,7 @@
-"""``bnfold.torch.export``: export a module to ONNX (TorchScript exporter, every BatchNorm kept),
-fold it with the ONNX pass, verify the folded model under ONNX Runtime against PyTorch's own outputs,
-and write it atomically.
+"""``bnfold.torch.export``: export a module to ONNX (torch's maintained torch.export-based exporter,
+``dynamo=True``, by default; the deprecated TorchScript exporter only when asked for), fold what the
+export leaves with the ONNX pass, account for every BatchNorm module of the ``nn.Module``, verify the
+folded model under ONNX Runtime against PyTorch's own outputs, and write it atomically.
 """
 
 from __future__ import annotations
@@ -63,12 +64,17 @@ def export(
     duplicate_shared: bool = False,
     bench: bool = False,
     options: FoldOptions | None = None,
+    exporter: str = "dynamo",
 ) -> FoldResult:
     """Export ``module`` to ONNX, fold it, verify it against the module itself, write it to ``path``.
 
-    The module is exported with the TorchScript exporter (``torch.onnx.export(dynamo=False,
-    do_constant_folding=False)``: it keeps every BatchNormalization, so the report lists each), the
-    ONNX fold pass runs on the export, and the folded ONNX model runs under ONNX Runtime (CPU,
+    The module is exported with torch's torch.export-based exporter (``torch.onnx.export(
+    dynamo=True)``, its optimizer on: it fuses ``Conv → BatchNorm`` itself), the ONNX fold pass
+    folds what the export left, and the report accounts for every BatchNorm module of the
+    ``nn.Module`` (a decision per module the exporter fused, status ``fused_by_exporter``; one per
+    BN module that the exported graph never runs, ``not_called``). ``exporter="torchscript"`` is
+    the legacy fallback (``dynamo=False, do_constant_folding=False``: every BatchNormalization
+    kept for the ONNX pass), which torch deprecates; its warnings go to the log. The folded ONNX model runs under ONNX Runtime (CPU,
     optimizations disabled) on seeded inputs shaped like ``example_inputs`` (floating tensors random
     normal; with ``dynamic_batch`` a second batch of size N+1 checks the dynamic axis). Its outputs
     are compared with the PyTorch module's own outputs on the same inputs. ``path`` is written
@@ -83,7 +89,9 @@ def export(
         input_names, output_names: ONNX names (default: the forward's argument names; ``output``
             or ``output_0``, ``output_1``...).
         dynamic_batch: make dimension 0 of every input and output dynamic (``batch``).
-        opset: ONNX opset of the export.
+        opset: ONNX opset of the export (the dynamo exporter needs 18 or more: below that its own
+            default opset is used, and the log says so).
+        exporter: ``"dynamo"`` (default) or ``"torchscript"`` (the deprecated fallback).
         verify, atol, rtol, seed, strict, external_data, lower_remaining, duplicate_shared:
             as for :func:`bnfold.fold`.
         bench: after the write, time the unfolded export against the folded model under ONNX
@@ -108,6 +116,7 @@ def export(
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
         bench=bench,
+        exporter=exporter,
     )
     opts.refuse(
         ("input_shapes", "trust_pickle"),
@@ -116,9 +125,17 @@ def export(
     )
     torch = _import_torch()
     _check_module_state(module)
+    program = None
     if isinstance(module, torch.export.ExportedProgram):
-        module = module.module()
-    names = _Names(input_names, output_names, dynamic_batch)
+        program, module = module, module.module()
+    chosen = opts.exporter
+    if chosen == "dynamo" and isinstance(module, torch.jit.ScriptModule):
+        logger.warning(
+            "a TorchScript module can only be exported by the legacy TorchScript exporter: "
+            "using it (exporter='torchscript')"
+        )
+        chosen = "torchscript"
+    names = _Names(input_names, output_names, dynamic_batch, chosen, program)
     return _export(module, example_inputs, path, opts, names)
 
 
@@ -158,6 +175,8 @@ class _Names:
     inputs: Sequence[str] | None
     outputs: Sequence[str] | None
     dynamic_batch: bool
+    exporter: str = "dynamo"
+    program: Any = None  # the ExportedProgram given, which the dynamo exporter takes as it is
 
 
 def _export(
@@ -184,9 +203,28 @@ def _export(
     try:
         exported = work / "exported.onnx"
         t1 = time.perf_counter()
-        _torch_onnx_export(module, args, exported, names_in, names_out, dynamic_axes, opts.opset)
+        spec = _ExportSpec(names_in, names_out, dynamic_axes, opts.opset, names.exporter)
+        source = (
+            names.program if names.program is not None and spec.exporter == "dynamo" else module
+        )
+        if not _torch_onnx_export(source, args, exported, spec):
+            samples, references = samples[:1], references[:1]  # exported with a static batch
+        elif spec.dynamic_axes and len(samples) > 1 and _batch_fixed(exported, names_in, samples):
+            logger.warning(
+                "the %s exporter fixed the batch size inside the graph (the export does not run "
+                "at batch %d): exporting static shapes",
+                spec.exporter,
+                int(samples[1][0].shape[0]),
+            )
+            spec = _ExportSpec(names_in, names_out, None, opts.opset, spec.exporter)
+            _torch_onnx_export(source, args, exported, spec)
+            samples, references = samples[:1], references[:1]
         timings["export"] = time.perf_counter() - t1
         report, ir_model = _fold_export(exported, opts, module, out_path, timings)
+        if names.exporter == "dynamo":
+            from ._accounting import account_bn_modules
+
+            account_bn_modules(module, exported, report)
         check = _Check(exported, names_in, samples, references)
         _write_verified(ir_model, report, out_path, check, opts, timings)
         if opts.bench and report.written:
@@ -254,36 +292,121 @@ def _onnx_names(
     return names_in, names_out, dynamic_axes
 
 
-def _torch_onnx_export(
-    module: Any,
-    args: tuple,
-    exported: Path,
-    names_in: list[str],
-    names_out: list[str],
-    dynamic_axes: dict[str, dict[int, str]] | None,
-    opset: int,
-) -> None:
+@dataclass
+class _ExportSpec:
+    names_in: list[str]
+    names_out: list[str]
+    dynamic_axes: dict[str, dict[int, str]] | None
+    opset: int
+    exporter: str
+
+
+def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSpec) -> bool:
+    """Run torch's exporter (``spec.exporter``), writing the unfolded model to ``exported``.
+    False when the batch dimension asked to be dynamic had to be exported static."""
     torch = _import_torch()
+    common = {
+        "input_names": spec.names_in,
+        "output_names": spec.names_out,
+        "dynamic_axes": spec.dynamic_axes,
+        "export_params": True,
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if spec.exporter == "torchscript":
+                logger.warning(
+                    "exporting with the legacy TorchScript exporter (exporter='torchscript'), "
+                    "which torch deprecates; the default is the torch.export-based exporter"
+                )
+                torch.onnx.export(
+                    module,
+                    tuple(args),
+                    str(exported),
+                    dynamo=False,
+                    do_constant_folding=False,  # it would fuse Conv+BN itself, unreported
+                    opset_version=spec.opset,
+                    keep_initializers_as_inputs=False,
+                    training=torch.onnx.TrainingMode.PRESERVE,  # checked above: eval
+                    **common,
+                )
+                return True
+            else:
+                return _dynamo_export(torch, module, args, exported, spec.opset, common)
+        except Exception as exc:
+            raise InvalidModelError(
+                f"torch.onnx.export ({spec.exporter} exporter) failed: {_first_line(exc)}"
+                + (
+                    "; exporter='torchscript' (--exporter torchscript) is the legacy fallback"
+                    if spec.exporter == "dynamo"
+                    else ""
+                )
+            ) from None
+        finally:
+            # torch's warnings go to the log: the TorchScript exporter's deprecation as a warning
+            level = logging.WARNING if spec.exporter == "torchscript" else logging.DEBUG
+            for w in caught:
+                logger.log(level, "torch.onnx.export: %s", _first_line(Exception(str(w.message))))
+
+
+def _dynamo_export(
+    torch: Any, module: Any, args: tuple, exported: Path, opset: int, common: dict[str, Any]
+) -> bool:
+    """torch.onnx.export(dynamo=True); False when the batch could not be exported dynamic."""
+    opset_version = opset if opset >= 18 else None
+    if opset_version is None:
+        logger.info("opset %d is below the dynamo exporter's minimum (18): its default", opset)
+
+    def run(keywords: dict[str, Any]) -> Any:
+        return torch.onnx.export(
+            module,
+            tuple(args),
+            dynamo=True,
+            optimize=True,  # onnxscript's optimizer: constant folding, Conv+BN fusion (accounted)
+            opset_version=opset_version,
+            verbose=False,
+            **keywords,
+        )
+
+    dynamic = common.get("dynamic_axes") is not None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(
-                module,
-                tuple(args),
-                str(exported),
-                dynamo=False,  # the TorchScript exporter; the dynamo one needs onnxscript
-                do_constant_folding=False,  # constant folding would fuse Conv+BN itself, unreported
-                opset_version=opset,
-                input_names=names_in,
-                output_names=names_out,
-                dynamic_axes=dynamic_axes,
-                export_params=True,
-                keep_initializers_as_inputs=False,
-                training=torch.onnx.TrainingMode.PRESERVE,  # checked above: eval
-            )
+        program = run(common)
     except Exception as exc:
-        raise InvalidModelError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+        if not dynamic:
+            raise
+        logger.warning(
+            "the dynamo exporter cannot export the batch dimension as dynamic (%s): exporting "
+            "static shapes",
+            _first_line(exc),
+        )
+        program = run({**common, "dynamic_axes": None})
+        dynamic = False
+    if program is None:  # pragma: no cover - torch returns the ONNXProgram with dynamo=True
+        raise InvalidModelError("torch.onnx.export returned no program")
+    program.save(str(exported))
+    return dynamic
+
+
+def _batch_fixed(exported: Path, names_in: list[str], samples: list[tuple]) -> bool:
+    """Whether ONNX Runtime runs the (unfolded) export at the example batch but not at N+1: its
+    batch axis is declared dynamic, yet the exporter fixed the size inside the graph."""
+    from bnfold import _ort
+
+    try:
+        session = _ort.make_session(str(exported), level="disable")
+    except InvalidModelError:
+        return False  # no kernel, ...: the verification says so
+    wanted = {i.name for i in session.get_inputs()}
+
+    def runs(feeds: tuple) -> bool:
+        arrays = {n: _to_numpy(a) for n, a in zip(names_in, feeds, strict=True) if n in wanted}
+        try:
+            _ort.run(session, arrays)
+        except _ort.OrtRunError:
+            return False
+        return True
+
+    return runs(samples[0]) and not runs(samples[1])
 
 
 def _fold_export(

@@ -22,6 +22,7 @@ from bnfold.cli.options import (
     AtolOpt,
     BenchOpt,
     DuplicateSharedOpt,
+    ExporterOpt,
     ExternalDataOpt,
     InPlaceOpt,
     InputShapeOpt,
@@ -69,6 +70,7 @@ def fold(
     duplicate_shared: DuplicateSharedOpt = False,
     allow_slower_folds: AllowSlowerFoldsOpt = False,
     trust_pickle: TrustPickleOpt = False,
+    exporter: ExporterOpt = "dynamo",
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     verbose: VerboseOpt = False,
@@ -97,6 +99,7 @@ def fold(
         allow_slower_folds=allow_slower_folds,
         bench=bench,
         trust_pickle=trust_pickle,
+        exporter=exporter,
     )
     inputs = expand_inputs(models)
     if not inputs:
