@@ -190,8 +190,8 @@ def test_torch_warnings_are_logged_at_debug_not_printed(tmp_path, caplog):
         with caplog.at_level(logging.DEBUG, logger="bnfold.torch"):
             result = bnfold.torch.export(net, (x,), tmp_path / "net.onnx")
     assert result
-    assert [str(w.message) for w in seen] == []
-    assert "TracerWarning" in caplog.text
+    assert [str(w.message) for w in seen] == []  # nothing reaches the user's terminal
+    assert "torch.onnx.export: " in caplog.text  # torch's warnings are in the log instead
 
 
 # --- a model without BatchNormalization ------------------------------------------------------------

@@ -148,9 +148,9 @@ def exported_onnx(
     dynamic_batch: bool = True,
     opset: int = 17,
 ) -> Iterator[Path]:
-    """The module exported to ONNX exactly as :func:`export` exports it (every BatchNorm kept, no
-    constant folding), unfolded, in a temporary folder removed on exit: what ``bnfold inspect``
-    and ``bnfold check`` read for a PyTorch file."""
+    """The module exported to ONNX with every BatchNorm kept (the TorchScript exporter without
+    constant folding, so no exporter fuses a BN unreported), unfolded, in a temporary folder removed
+    on exit: what ``bnfold inspect`` and ``bnfold check`` read for a PyTorch file."""
     torch = _import_torch()
     _check_module_state(module)
     if isinstance(module, torch.export.ExportedProgram):
@@ -162,7 +162,10 @@ def exported_onnx(
     work = Path(tempfile.mkdtemp(prefix="bnfold-torch-"))
     try:
         exported = work / "exported.onnx"
-        _torch_onnx_export(module, args, exported, names_in, names_out, dynamic_axes, opset)
+        # Every BatchNorm kept (TorchScript exporter, no constant folding), so that each gets a
+        # decision of its own in inspect/check; an internal choice, logged at debug level.
+        spec = _ExportSpec(names_in, names_out, dynamic_axes, opset, "torchscript", announce=False)
+        _torch_onnx_export(module, args, exported, spec)
         yield exported
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -299,6 +302,8 @@ class _ExportSpec:
     dynamic_axes: dict[str, dict[int, str]] | None
     opset: int
     exporter: str
+    #: Log the legacy exporter's use (and torch's deprecation) as a warning: the user chose it.
+    announce: bool = True
 
 
 def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSpec) -> bool:
@@ -315,9 +320,10 @@ def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSp
         warnings.simplefilter("always")
         try:
             if spec.exporter == "torchscript":
-                logger.warning(
+                logger.log(
+                    logging.WARNING if spec.announce else logging.DEBUG,
                     "exporting with the legacy TorchScript exporter (exporter='torchscript'), "
-                    "which torch deprecates; the default is the torch.export-based exporter"
+                    "which torch deprecates; the default is the torch.export-based exporter",
                 )
                 torch.onnx.export(
                     module,
@@ -344,7 +350,11 @@ def _torch_onnx_export(module: Any, args: tuple, exported: Path, spec: _ExportSp
             ) from None
         finally:
             # torch's warnings go to the log: the TorchScript exporter's deprecation as a warning
-            level = logging.WARNING if spec.exporter == "torchscript" else logging.DEBUG
+            level = (
+                logging.WARNING
+                if spec.exporter == "torchscript" and spec.announce
+                else logging.DEBUG
+            )
             for w in caught:
                 logger.log(level, "torch.onnx.export: %s", _first_line(Exception(str(w.message))))
 
