@@ -32,7 +32,9 @@ class FoldResult:
     """The folded model (same kind as given: a Path when written to ``output``, an
     ``onnx.ModelProto`` for a ModelProto, an ``onnx_ir.Model`` otherwise) and its report.
 
-    Truthy when the fold passed: verification (if run) passed and, under ``strict``, nothing was kept.
+    Truthy only when the fold passed: verification ran and passed and, under ``strict``, nothing
+    was kept. ``status`` is ``"passed"``, ``"failed"`` or ``"unverified"`` (``verify=False``, or
+    verification could not run: see ``report.unverified_reason``).
     """
 
     model: Any
@@ -49,6 +51,10 @@ class FoldResult:
     @property
     def passed(self) -> bool:
         return self.report.passed
+
+    @property
+    def status(self) -> str:
+        return self.report.status
 
     def __bool__(self) -> bool:
         return self.report.passed
@@ -83,6 +89,8 @@ def fold(
     lower_remaining: bool = False,
     duplicate_shared: bool = False,
     bench: bool = False,
+    accept_unverified: bool = False,
+    verify_timeout: float | None = None,
     options: FoldOptions | None = None,
 ) -> FoldResult:
     """Fold every foldable inference-mode BatchNormalization of ``model``.
@@ -91,12 +99,13 @@ def fold(
         model: a path to an ``.onnx`` file, an ``onnx.ModelProto`` (not modified) or an
             ``onnx_ir.Model`` (folded in place, like any onnx_ir InPlacePass).
         output: where to write the folded model. Written atomically, and only when verification
-            passes. Required for a path input only if you want a file; otherwise the result holds
+            passes (or ``verify=False``, or it could not run and ``accept_unverified``). Required for a path input only if you want a file; otherwise the result holds
             an ``onnx_ir.Model``.
         verify: run the original and folded models in ONNX Runtime (optimizations disabled) on
             seeded random inputs and compare every output.
-        input_shapes: shapes for inputs with dynamic dimensions (default: 1 for each dynamic dim).
-        atol, rtol: override the per-dtype default tolerances.
+        input_shapes: shapes for inputs with dynamic dimensions (default: derived from the graph so
+            that every weight is exercised; see :mod:`bnfold.exercise`).
+        atol, rtol: judge element-wise with these instead of the calibrated default.
         seed: seed of the random verification inputs.
         strict: the result fails when any BatchNormalization is kept.
         external_data: force (True) or forbid (False) external data in the output; default: use it
@@ -109,6 +118,11 @@ def fold(
             the producer (costs its compute twice; said in the decision's detail).
         bench: after the output is written, time the input file against it under ONNX Runtime
             (``report.bench``); needs a model path and an ``output``.
+        accept_unverified: write the output even when verification could not run (ONNX Runtime
+            cannot run the original, or the time budget ran out); the status stays "unverified".
+            Refused in effect under ``strict``.
+        verify_timeout: verification time budget in seconds (0: none; default:
+            ``$BNFOLD_VERIFY_TIMEOUT`` or 600).
         options: all of the above (but ``progress``) as one :class:`~bnfold.options.FoldOptions`;
             then leave the keywords at their defaults.
 
@@ -128,6 +142,8 @@ def fold(
         lower_remaining=lower_remaining,
         duplicate_shared=duplicate_shared,
         bench=bench,
+        accept_unverified=accept_unverified,
+        verify_timeout=verify_timeout,
     )
     return fold_with(model, output, opts, progress=progress)
 
@@ -235,6 +251,7 @@ def _run_pass(job: _Job) -> FoldReport:
         input=str(job.input_path) if job.input_path else None,
         output=str(job.out_path) if job.out_path else None,
         strict=opts.strict,
+        accept_unverified=opts.accept_unverified,
         nodes_before=nodes_before,
         nodes_after=_count_nodes(job.ir_model),
     )
@@ -262,12 +279,23 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
         job.timings["save"] = time.perf_counter() - t2
         if verify:
             report.verification = _verify(job, str(staged.path), progress)
-        if job.out_path is not None and not report.verification_failed:
+        if job.out_path is not None and _may_write(report):
             staged.commit()
             report.written = True
     finally:
         if not staged.committed:
             staged.discard()
+
+
+def _may_write(report: FoldReport) -> bool:
+    """Verified and equal, or unverified and accepted (``--no-verify``, ``--accept-unverified``
+    without ``--strict``). ``--strict`` with a kept BN still writes a verified output."""
+    status = report.verification_status
+    if status == "passed":
+        return True
+    if status == "failed":
+        return False
+    return status == "not_run" or (report.accept_unverified and not report.strict)
 
 
 def _verify(job: _Job, candidate: str, progress: ProgressFn | None):  # noqa: ANN202
@@ -284,6 +312,7 @@ def _verify(job: _Job, candidate: str, progress: ProgressFn | None):  # noqa: AN
         seed=opts.seed,
         atol=opts.atol,
         rtol=opts.rtol,
+        timeout=opts.verify_timeout,
     )
     if progress:
         progress("verify", 1, 1)

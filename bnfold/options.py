@@ -36,6 +36,8 @@ FLAG_NAMES = {
     "bench": "--bench",
     "trust_pickle": "--trust-pickle",
     "opset": "opset",
+    "accept_unverified": "--accept-unverified",
+    "verify_timeout": "--verify-timeout",
 }
 
 
@@ -60,6 +62,11 @@ class FoldOptions:
         trust_pickle: PyTorch input: allow unpickling a whole ``nn.Module`` (runs code from the
             file). A permission, not an action: it changes nothing for other inputs.
         opset: ONNX opset of the export of a PyTorch input.
+        accept_unverified: write the output even when it could not be verified (ONNX Runtime
+            cannot run the original, or the time budget ran out); the result's status stays
+            ``"unverified"``. Never under ``strict``.
+        verify_timeout: the verification's time budget in seconds (0: none); ``None``:
+            ``$BNFOLD_VERIFY_TIMEOUT`` or the default (see :func:`bnfold._ort.resolve_verify_timeout`).
     """
 
     verify: bool = True
@@ -74,9 +81,24 @@ class FoldOptions:
     bench: bool = False
     trust_pickle: bool = False
     opset: int = 17
+    accept_unverified: bool = False
+    verify_timeout: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", _normalized_shapes(self.input_shapes))
+        if self.strict and not self.verify:
+            raise UsageError(
+                "--strict never lets an unverified model through and --no-verify writes one "
+                "unverified: give one of them, not both"
+            )
+        timeout = self.verify_timeout
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not timeout >= 0
+            or math.isinf(timeout)
+        ):
+            raise UsageError(f"verify_timeout must be a number of seconds >= 0, got {timeout!r}")
         for name in ("atol", "rtol"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value >= 0):

@@ -47,11 +47,21 @@ def test_env_var_is_the_budget_without_a_block(session, monkeypatch):
     assert time.monotonic() - started < 5
 
 
-def test_verify_models_reports_a_timeout_not_a_mismatch(monkeypatch):
+def test_verify_models_reports_a_timeout_as_unverified_not_a_mismatch(monkeypatch):
     monkeypatch.setenv("BNFOLD_VERIFY_TIMEOUT", "0.5")
     model = endless_loop()
-    with pytest.raises(VerificationTimeout):
-        bnfold.verify(model, model)
+    started = time.monotonic()
+    result = bnfold.verify(model, model)
+    assert time.monotonic() - started < 10
+    assert not result and result.status == "unverified"
+    assert "time budget of 0.5 s" in result.unverified_reason
+
+
+def test_verify_models_timeout_argument_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("BNFOLD_VERIFY_TIMEOUT", "600")
+    model = endless_loop()
+    result = bnfold.verify(model, model, timeout=0.4)
+    assert result.status == "unverified" and "0.4 s" in result.unverified_reason
 
 
 def test_resolve_verify_timeout(monkeypatch):

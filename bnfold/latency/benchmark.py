@@ -115,6 +115,7 @@ def bench(
         note=LEVEL_NOTE,
         models=tuple(plan.names),
         input_shapes={k: tuple(int(d) for d in v.shape) for k, v in (plan.feeds or {}).items()},
+        input_shape_origins=dict(plan.shape_origins or {}),
         warmup=plan.warmup,
         runs=plan.runs,
         seconds_budget=plan.seconds,

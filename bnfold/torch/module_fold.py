@@ -168,6 +168,11 @@ def fold_module(
         input=f"{type(module).__name__} (torch.nn.Module)",
         strict=opts.strict,
         nodes_before=nodes_before,
+        unverified_note=(
+            "no example_inputs: the folded module was not run, so it is unverified"
+            if feeds is None
+            else (None if opts.verify else "verify=False")
+        ),
         nodes_after=_count_layers(result_module),
     )
     if feeds is not None and opts.verify:

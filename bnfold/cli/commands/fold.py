@@ -18,6 +18,7 @@ from bnfold.cli._shared import (
     write_markdown,
 )
 from bnfold.cli.options import (
+    AcceptUnverifiedOpt,
     AtolOpt,
     BenchOpt,
     DuplicateSharedOpt,
@@ -36,6 +37,7 @@ from bnfold.cli.options import (
     TrustPickleOpt,
     VerboseOpt,
     VerifyOpt,
+    VerifyTimeoutOpt,
 )
 from bnfold.options import FoldOptions
 
@@ -57,6 +59,8 @@ def fold(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     strict: StrictOpt = False,
+    accept_unverified: AcceptUnverifiedOpt = False,
+    verify_timeout: VerifyTimeoutOpt = None,
     bench: BenchOpt = False,
     external_data: ExternalDataOpt = None,
     lower_remaining: LowerRemainingOpt = False,
@@ -71,7 +75,7 @@ def fold(
 
     Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one or by --jobs workers; one failing model does not stop the others.
 
-    Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error. With several models: the worst of them.
+    Exit codes: 0 passed (or written unverified on request: --no-verify, --accept-unverified); 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error; 4 unverified (ONNX Runtime cannot run the original, or --verify-timeout ran out): nothing written; 130/143 interrupted (SIGINT/SIGTERM). With several models: the worst of them.
     """
     from bnfold.batch import expand_inputs
     from bnfold.compare import parse_input_shapes
@@ -89,6 +93,8 @@ def fold(
         duplicate_shared=duplicate_shared,
         bench=bench,
         trust_pickle=trust_pickle,
+        accept_unverified=accept_unverified,
+        verify_timeout=verify_timeout,
     )
     inputs = expand_inputs(models)
     if not inputs:
@@ -154,7 +160,7 @@ class _Output:
 def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> None:
     """One model: fold (and verify, write, time), render, exit with the report's code."""
     from bnfold.batch import fold_any
-    from bnfold.render.console import render
+    from bnfold.render.console import fold_final_line, render
     from bnfold.render.markdown import fold_markdown
 
     with Progress(out.console, enabled=not out.quiet) as progress:
@@ -162,7 +168,7 @@ def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> 
     report = result.report
     out.write(report.to_dict(), lambda: fold_markdown([report]))
     if out.quiet:
-        out.console.print("PASSED" if report.passed else "FAILED")
+        out.console.print(fold_final_line(report), markup=False, highlight=False, soft_wrap=True)
     else:
         render(report, out.console, verbose=out.verbose)
     raise typer.Exit(report.exit_code)
@@ -197,7 +203,12 @@ def _fold_batch(
             bar.stop()
     out.write(result.to_dict(), lambda: batch_markdown(result))
     if quiet:
-        console.print("PASSED" if result.passed else "FAILED")
+        console.print("PASSED" if result.exit_code == 0 else _batch_word(result.exit_code))
     else:
         render_batch(result, console)
     raise typer.Exit(result.exit_code)
+
+
+def _batch_word(exit_code: int) -> str:
+    """The final word of a batch that did not pass: UNVERIFIED when the worst is exit 4."""
+    return "UNVERIFIED" if exit_code == 4 else "FAILED"
