@@ -34,7 +34,9 @@ def test_budget_ends_a_2_to_the_62_loop(session):
         with _ort.time_budget(0.5):
             _ort.run(session, FEEDS)
     assert time.monotonic() - started < 5
-    assert isinstance(info.value, BnfoldError) and info.value.exit_code == 3
+    assert (
+        isinstance(info.value, BnfoldError) and info.value.exit_code == 4
+    )  # unverified, not a bug (3)
     assert not isinstance(info.value, _ort.OrtRunError)
     assert not _ort._active  # nothing left registered
 

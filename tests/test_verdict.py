@@ -279,6 +279,14 @@ def test_fold_of_a_hanging_model_is_unverified_after_its_time_budget(tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_verify_and_bench_of_a_hanging_model_end_with_exit_4(tmp_path):
+    path = save(endless_loop(), tmp_path)
+    verify = runner.invoke(app, ["verify", str(path), str(path), "--verify-timeout", "0.5"])
+    assert verify.exit_code == 4 and "time budget of 0.5 s" in last_line(verify.stdout)
+    bench = runner.invoke(app, ["bench", str(path), "--runs", "1", "--verify-timeout", "0.5"])
+    assert bench.exit_code == 4 and "time budget of 0.5 s" in bench.stderr
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_fold_verification_exits_cleanly(tmp_path, sig, code):
     path = save(endless_loop(), tmp_path)
@@ -306,3 +314,19 @@ def test_signal_during_fold_verification_exits_cleanly(tmp_path, sig, code):
             child.wait()
     assert rc == code, child.stderr.read().decode()[-2000:]
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# --- PyTorch: a result without verification is never presented as verified -----------------------
+
+
+def test_fold_module_without_example_inputs_is_unverified_and_falsy():
+    torch = pytest.importorskip("torch")
+    import bnfold.torch as bt
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    blind = bt.fold_module(model)
+    assert not blind and blind.report.status == "unverified"
+    assert blind.verification is None and "example_inputs" in blind.report.unverified_reason
+    assert blind.report.to_dict()["status"] == "unverified"
+    seen = bt.fold_module(model, (torch.zeros(1, 3, 8, 8),))
+    assert seen and seen.report.status == "passed"

@@ -96,6 +96,12 @@ class ModuleFoldResult:
     def passed(self) -> bool:
         return self.report.passed
 
+    @property
+    def status(self) -> str:
+        """``"passed"``, ``"failed"`` or ``"unverified"`` (no ``example_inputs``, or ``verify=False``:
+        the result is then falsy, never presented as verified)."""
+        return self.report.status
+
     def __bool__(self) -> bool:
         return self.report.passed
 
