@@ -104,3 +104,20 @@ def test_every_mutant_above_float_noise_is_caught(outcomes):
     above = [(n, k) for n, row in outcomes.items() for k, (a, _) in row.items() if a]
     missed = [(n, k) for n, row in outcomes.items() for k, (a, p) in row.items() if a and p]
     assert len(above) >= 10 and missed == []
+
+
+def test_a_deep_nets_correct_fold_is_not_refused_where_fixed_tolerances_refuse_it():
+    """Issue 12's false refusal: 50 layers, random weights, logits ~1e5. float32 re-rounding moves
+    a near-zero logit by ~0.1; the fixed element-wise default refuses that, the calibrated verdict
+    sees it is within the model's own noise."""
+    from deep_models import deep_resnet
+
+    model = deep_resnet(50, size=32, gain=1.4, seed=0)
+    feeds = mutations._feeds(model)
+    folded = bnfold.fold(model, verify=False).model
+    result = bnfold.verify(model, folded, data=[feeds])
+    (out,) = result.outputs
+    assert result.status == "passed" and out.mode == "calibrated"
+    assert 1 <= out.margin and out.noise > 1e-3  # the noise is real, and the error within it
+    fixed = bnfold.verify(model, folded, data=[feeds], output_tolerances={out.name: (1e-4, 1e-4)})
+    assert fixed.status == "failed"

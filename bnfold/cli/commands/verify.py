@@ -95,7 +95,7 @@ def verify(
         located = run_localize(
             str(reference),
             str(candidate),
-            input_shapes=shapes or None,
+            input_shapes={k: tuple(v) for k, v in result.input_shapes.items()} or None,
             seed=seed,
             atol=atol,
             rtol=rtol,
