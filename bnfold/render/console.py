@@ -268,7 +268,7 @@ def render_verification(
     if v.skipped_reason:
         _line(
             console,
-            _join(_styled("Verification unverified:", "yellow"), " ", inert_text(v.skipped_reason)),
+            _join(_styled("Not verified:", "yellow"), " ", inert_text(v.skipped_reason)),
         )
         return
     if v.outputs:
