@@ -539,7 +539,7 @@ def _interface_mismatch(
 
 def _log_outcome(outcome: VerificationResult) -> None:
     if outcome.skipped_reason:
-        logger.warning("verification skipped: %s", inert(outcome.skipped_reason))
+        logger.warning("unverified: %s", inert(outcome.skipped_reason))
     elif outcome.message:
         logger.info("verification failed: %s", inert(outcome.message))
     for output in outcome.outputs:
