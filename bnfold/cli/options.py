@@ -28,7 +28,8 @@ AtolOpt = Annotated[
         "--atol",
         min=0.0,
         envvar="BNFOLD_ATOL",
-        help="Absolute tolerance (default: by output dtype).",
+        help="Judge every output element-wise with this absolute tolerance instead of the "
+        "calibrated default (the model's own measured noise); --rtol not given: by dtype.",
     ),
 ]
 RtolOpt = Annotated[
@@ -37,7 +38,8 @@ RtolOpt = Annotated[
         "--rtol",
         min=0.0,
         envvar="BNFOLD_RTOL",
-        help="Relative tolerance (default: by output dtype).",
+        help="Judge every output element-wise with this relative tolerance instead of the "
+        "calibrated default; --atol not given: by dtype.",
     ),
 ]
 SeedOpt = Annotated[
