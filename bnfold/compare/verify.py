@@ -265,8 +265,11 @@ def _exercising(
         shapes, origins = exercising_shapes(reference_source, given)
     else:
         shapes, origins = given, {name: "given" for name in given}
-    for spec in inputs:
-        origins.setdefault(spec.name, "given" if spec.name in given else "fixed")
+    for spec in inputs:  # "default": dynamic dims left at 1 (the graph could not be walked)
+        fixed = all(map(_is_fixed, spec.shape))
+        origins.setdefault(
+            spec.name, "given" if spec.name in given else "fixed" if fixed else "default"
+        )
     check.origins = {spec.name: origins[spec.name] for spec in inputs}
     return shapes
 

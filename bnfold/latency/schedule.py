@@ -159,8 +159,9 @@ def _open_block(plan: _Plan, state: _Level, block: int) -> None:
             # the shapes verification uses: every weight exercised, not a 1x1 image
             shapes, plan.shape_origins = exercising_shapes(plan.sources[i], given)
             plan.feeds = make_inputs(session_inputs, input_shapes=shapes, seed=plan.seed)
-            for spec in session_inputs:
-                plan.shape_origins.setdefault(spec.name, "fixed")
+            for spec in session_inputs:  # "default": dynamic dims left at 1 (see verify)
+                fixed = all(isinstance(d, int) for d in spec.shape or ())
+                plan.shape_origins.setdefault(spec.name, "fixed" if fixed else "default")
         elif state.index == 0 and block == 0:
             _check_inputs(plan.names[i], plan.names[0], session, plan.feeds)
         runner = _ort.make_runner(session, plan.feeds)
