@@ -33,7 +33,9 @@ class FoldResult:
     """The folded model (same kind as given: a Path when written to ``output``, an
     ``onnx.ModelProto`` for a ModelProto, an ``onnx_ir.Model`` otherwise) and its report.
 
-    Truthy when the fold passed: verification (if run) passed and, under ``strict``, nothing was kept.
+    Truthy only when the fold passed: verification ran and passed and, under ``strict``, nothing
+    was kept. ``status`` is ``"passed"``, ``"failed"`` or ``"unverified"`` (``verify=False``, or
+    verification could not run: see ``report.unverified_reason``).
     """
 
     model: Any
@@ -50,6 +52,10 @@ class FoldResult:
     @property
     def passed(self) -> bool:
         return self.report.passed
+
+    @property
+    def status(self) -> str:
+        return self.report.status
 
     def __bool__(self) -> bool:
         return self.report.passed
@@ -101,6 +107,8 @@ def fold(
     duplicate_shared: bool = False,
     allow_slower_folds: bool = False,
     bench: bool = False,
+    accept_unverified: bool = False,
+    verify_timeout: float | None = None,
     options: FoldOptions | None = None,
 ) -> FoldResult:
     """Fold every foldable inference-mode BatchNormalization of ``model``.
@@ -109,12 +117,13 @@ def fold(
         model: a path to an ``.onnx`` file, an ``onnx.ModelProto`` (not modified) or an
             ``onnx_ir.Model`` (folded in place, like any onnx_ir InPlacePass).
         output: where to write the folded model. Written atomically, and only when verification
-            passes. Required for a path input only if you want a file; otherwise the result holds
+            passes (or ``verify=False``, or it could not run and ``accept_unverified``). Required for a path input only if you want a file; otherwise the result holds
             an ``onnx_ir.Model``.
         verify: run the original and folded models in ONNX Runtime (optimizations disabled) on
             seeded random inputs and compare every output.
-        input_shapes: shapes for inputs with dynamic dimensions (default: 1 for each dynamic dim).
-        atol, rtol: override the per-dtype default tolerances.
+        input_shapes: shapes for inputs with dynamic dimensions (default: derived from the graph so
+            that every weight is exercised; see :mod:`bnfold.exercise`).
+        atol, rtol: judge element-wise with these instead of the calibrated default.
         seed: seed of the random verification inputs.
         strict: the result fails when any BatchNormalization is kept.
         external_data: force (True) or forbid (False) external data in the output; default: use it
@@ -130,6 +139,11 @@ def fold(
             Runtime's default level (kept by default, reason ``slower_fold``).
         bench: after the output is written, time the input file against it under ONNX Runtime
             (``report.bench``); needs a model path and an ``output``.
+        accept_unverified: write the output even when verification could not run (ONNX Runtime
+            cannot run the original, or the time budget ran out); the status stays "unverified".
+            Refused in effect under ``strict``.
+        verify_timeout: verification time budget in seconds (0: none; default:
+            ``$BNFOLD_VERIFY_TIMEOUT`` or 600).
         options: all of the above (but ``progress``) as one :class:`~bnfold.options.FoldOptions`;
             then leave the keywords at their defaults.
 
@@ -150,6 +164,8 @@ def fold(
         duplicate_shared=duplicate_shared,
         allow_slower_folds=allow_slower_folds,
         bench=bench,
+        accept_unverified=accept_unverified,
+        verify_timeout=verify_timeout,
     )
     return fold_with(model, output, opts, progress=progress)
 
@@ -326,6 +342,7 @@ def _run_pass(job: _Job, overflowed: dict[tuple[str, str, str], str]) -> FoldRep
         input=str(job.input_path) if job.input_path else None,
         output=str(job.out_path) if job.out_path else None,
         strict=opts.strict,
+        accept_unverified=opts.accept_unverified,
         nodes_before=nodes_before,
         nodes_after=_count_nodes(job.ir_model),
     )
@@ -362,7 +379,7 @@ def _write_and_verify(job: _Job, report: FoldReport, progress: ProgressFn | None
             report.verification = _nothing_to_verify(job, NOTHING_FOLDED)
         elif verify:
             report.verification = _verify(job, str(staged.path), progress)
-        if job.out_path is not None and not report.verification_failed:
+        if job.out_path is not None and _may_write(report):
             staged.commit()
             report.written = True
     finally:
@@ -378,10 +395,22 @@ IN_PLACE_UNCHANGED = "nothing was folded, so the file is left exactly as it was"
 
 
 def _nothing_to_verify(job: _Job, why: str):  # noqa: ANN202 - bnfold.compare.VerificationResult
-    """Nothing changed: say so instead of spending a verification on an identical copy."""
+    """Nothing changed: say so instead of spending a verification on an identical copy (the
+    output is the input re-serialized, so it computes the same function: passed, not skipped)."""
     from .compare import VerificationResult
 
-    return VerificationResult(passed=False, seed=job.options.seed, skipped_reason=why)
+    return VerificationResult(passed=True, seed=job.options.seed, unchanged=why)
+
+
+def _may_write(report: FoldReport) -> bool:
+    """Verified and equal, or unverified and accepted (``--no-verify``, ``--accept-unverified``
+    without ``--strict``). ``--strict`` with a kept BN still writes a verified output."""
+    status = report.verification_status
+    if status == "passed":
+        return True
+    if status == "failed":
+        return False
+    return status == "not_run" or (report.accept_unverified and not report.strict)
 
 
 def _verify(job: _Job, candidate: str, progress: ProgressFn | None):  # noqa: ANN202
@@ -398,6 +427,7 @@ def _verify(job: _Job, candidate: str, progress: ProgressFn | None):  # noqa: AN
         seed=opts.seed,
         atol=opts.atol,
         rtol=opts.rtol,
+        timeout=opts.verify_timeout,
     )
     if progress:
         progress("verify", 1, 1)

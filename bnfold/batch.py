@@ -91,6 +91,14 @@ class BatchItem:
     def status(self) -> str:
         if self.error is not None:
             return "error"
+        if self.exit_code == 4:
+            return "UNVERIFIED"
+        if (
+            self.exit_code == 0
+            and self.report is not None
+            and self.report.get("status") == "unverified"
+        ):
+            return "WRITTEN UNVERIFIED"
         return "PASSED" if self.exit_code == 0 else "FAILED"
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +121,9 @@ class BatchResult:
 
     @property
     def exit_code(self) -> int:
-        return max((i.exit_code for i in self.items), default=0)
+        from .report import worst_exit_code
+
+        return worst_exit_code([i.exit_code for i in self.items])
 
     @property
     def passed(self) -> bool:
@@ -378,12 +388,14 @@ def check_model(
     verify_options: dict[str, Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     trust_pickle: bool = False,
+    accept_unverified: bool = False,
 ) -> CheckResult:
     """Read-only gate: fold a copy in memory (nothing is written) and list the BNs that folded.
 
     It passes while at most ``allow`` foldable BNs remain (besides those in ``allow_nodes``). With
     ``against`` (the original model), also verify ``path`` against it under ONNX Runtime; a
-    failed verification fails the check whatever ``allow`` says. A PyTorch file is exported as
+    failed verification fails the check whatever ``allow`` says (exit 1), and one that could not
+    run (unverified) gives exit 4 unless ``accept_unverified``. A PyTorch file is exported as
     ``bnfold fold`` exports it (``input_shapes``, ``trust_pickle`` as there) and that is checked.
     """
     from . import io as _io
@@ -416,10 +428,11 @@ def check_model(
         except BnfoldError as exc:
             result.error, result.exit_code = str(exc), exc.exit_code
             return result
-    failed_verification = (
-        result.verification is not None
-        and not result.verification
-        and not (result.verification.skipped_reason)
-    )
-    result.exit_code = 1 if (len(result.foldable) > allow or failed_verification) else 0
+    status = result.verification.status if result.verification is not None else None
+    if len(result.foldable) > allow or status == "failed":
+        result.exit_code = 1
+    elif status == "unverified" and not accept_unverified:
+        result.exit_code = 4
+    else:
+        result.exit_code = 0
     return result

@@ -127,6 +127,8 @@ def resource_error(exc: BaseException, where: str = "") -> ResourceError | None:
 
 class VerificationTimeout(BnfoldError):
     """Verification did not finish within its time budget (``--verify-timeout``,
-    ``BNFOLD_VERIFY_TIMEOUT``). Not a mismatch: the model is unverified. Exit code 3."""
+    ``BNFOLD_VERIFY_TIMEOUT``). Not a mismatch and not a bug: the model is unverified, exit code 4
+    (3 means an internal error; CI must tell them apart). ``verify_models`` turns it into an
+    unverified result; it escapes only from ``bnfold bench``'s bounded first run."""
 
-    exit_code = 3
+    exit_code = 4

@@ -38,6 +38,8 @@ FLAG_NAMES = {
     "trust_pickle": "--trust-pickle",
     "opset": "opset",
     "exporter": "--exporter",
+    "accept_unverified": "--accept-unverified",
+    "verify_timeout": "--verify-timeout",
 }
 
 
@@ -67,6 +69,11 @@ class FoldOptions:
         opset: ONNX opset of the export of a PyTorch input.
         exporter: PyTorch input: ``"dynamo"`` (torch's torch.export-based exporter, the default)
             or ``"torchscript"`` (the deprecated legacy exporter, an explicit fallback).
+        accept_unverified: write the output even when it could not be verified (ONNX Runtime
+            cannot run the original, or the time budget ran out); the result's status stays
+            ``"unverified"``. Never under ``strict``.
+        verify_timeout: the verification's time budget in seconds (0: none); ``None``:
+            ``$BNFOLD_VERIFY_TIMEOUT`` or the default (see :func:`bnfold._ort.resolve_verify_timeout`).
     """
 
     verify: bool = True
@@ -83,9 +90,24 @@ class FoldOptions:
     trust_pickle: bool = False
     opset: int = 17
     exporter: str = "dynamo"
+    accept_unverified: bool = False
+    verify_timeout: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", _normalized_shapes(self.input_shapes))
+        if self.strict and not self.verify:
+            raise UsageError(
+                "--strict never lets an unverified model through and --no-verify writes one "
+                "unverified: give one of them, not both"
+            )
+        timeout = self.verify_timeout
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not timeout >= 0
+            or math.isinf(timeout)
+        ):
+            raise UsageError(f"verify_timeout must be a number of seconds >= 0, got {timeout!r}")
         for name in ("atol", "rtol"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value >= 0):

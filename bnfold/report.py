@@ -9,8 +9,14 @@ JSON schema, version 1::
     {
       "schema_version": 1, "bnfold_version": str,
       "input": str | null, "output": str | null,
-      "written": bool,                     # false when verification failed: nothing at "output"
-      "passed": bool,                      # verification did not fail (passed or was skipped) and --strict held
+      "written": bool,                     # false when verification failed or was unverified
+                                           # (without --accept-unverified): nothing at "output"
+      "status": "passed" | "failed" | "unverified",
+                                           # unverified: --no-verify, or verification could not run
+      "passed": bool,                      # status == "passed" (verified, and --strict held)
+      "exit_code": 0 | 1 | 4,              # 4: unverified and not accepted (see README, Exit codes)
+      "accept_unverified": bool,
+      "unverified_reason": str | null,     # why, when status is "unverified"
       "strict": bool,
       "totals": {"batchnorms": int, "folded": int, "kept": int},
       "batchnorms": [
@@ -52,6 +58,17 @@ if TYPE_CHECKING:
 from .reasons import SkipReason
 
 SCHEMA_VERSION = 1
+
+#: exit codes of a fold: 1 a difference (or --strict and a BN kept), 4 not verified (ONNX Runtime
+#: cannot run the original, or the time budget ran out) and not accepted; 3 is reserved for bugs
+EXIT_OK, EXIT_FAILED, EXIT_UNVERIFIED = 0, 1, 4
+
+
+def worst_exit_code(codes: list[int] | tuple[int, ...]) -> int:
+    """The exit code of several results: a bug (3) over bad input (2) over a difference (1) over
+    unverified (4) over success (0); anything else (a signal's 128+n) first of all."""
+    rank = {0: 0, 4: 1, 1: 2, 2: 3, 3: 4}
+    return max(codes, key=lambda c: rank.get(c, 5), default=0)
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,8 @@ class FoldReport:
     nodes_after: int = 0
     written: bool = False  # the output file was written (it is not when verification fails)
     bench: BenchResult | None = None  # fold --bench: original vs folded
+    accept_unverified: bool = False  # write an unverified output anyway (never under strict)
+    unverified_note: str | None = None  # why verification did not run, when it did not
 
     @property
     def batchnorms(self) -> list[BNDecision]:
@@ -141,22 +160,56 @@ class FoldReport:
 
     @property
     def verification_failed(self) -> bool:
-        """Verification ran and found a difference. A skipped verification (ONNX Runtime cannot
-        run the original model, e.g. a custom-op domain) is not a failure; the report says so."""
+        """Verification ran and found a difference (or the folded model does not run)."""
         v = self.verification
-        return v is not None and not bool(v) and not getattr(v, "skipped_reason", None)
+        return v is not None and v.status == "failed"
+
+    @property
+    def verification_status(self) -> str:
+        """``"passed"``, ``"failed"``, ``"unverified"`` (it could not run) or ``"not_run"``
+        (``--no-verify``)."""
+        return "not_run" if self.verification is None else self.verification.status
+
+    @property
+    def unverified_reason(self) -> str | None:
+        """Why the output is not verified (``None`` when it is, or verification failed)."""
+        if self.verification is None:
+            return self.unverified_note or "--no-verify"
+        return self.verification.skipped_reason
+
+    @property
+    def status(self) -> str:
+        """``"failed"`` (a difference, or ``strict`` and a BN kept), ``"unverified"`` (not
+        verified: ``--no-verify`` or verification could not run) or ``"passed"``."""
+        if self.verification_failed or (self.strict and self.kept):
+            return "failed"
+        return "passed" if self.verification_status == "passed" else "unverified"
+
+    @property
+    def unverified_accepted(self) -> bool:
+        """An unverified output the user asked for: ``--no-verify``, or ``--accept-unverified``
+        without ``--strict``."""
+        if self.status != "unverified" or self.strict:
+            return False
+        return self.verification is None or self.accept_unverified
 
     @property
     def passed(self) -> bool:
-        """Verification did not fail, and under ``strict`` no BN was kept."""
-        return not self.verification_failed and not (self.strict and self.kept)
+        """Verified, no difference, and under ``strict`` no BN kept: ``status == "passed"``."""
+        return self.status == "passed"
 
     def __bool__(self) -> bool:
         return self.passed
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.passed else 1
+        """0 passed (or unverified and accepted), 1 failed, 4 unverified and not accepted."""
+        status = self.status
+        if status == "failed":
+            return EXIT_FAILED
+        if status == "unverified" and not self.unverified_accepted:
+            return EXIT_UNVERIFIED
+        return EXIT_OK
 
     def __repr__(self) -> str:
         from bnfold.render import summary
@@ -182,7 +235,11 @@ class FoldReport:
             "input": self.input,
             "output": self.output,
             "written": self.written,
+            "status": self.status,
             "passed": self.passed,
+            "exit_code": self.exit_code,
+            "accept_unverified": self.accept_unverified,
+            "unverified_reason": self.unverified_reason if self.status == "unverified" else None,
             "strict": self.strict,
             "totals": {
                 "batchnorms": len(self.batchnorms),

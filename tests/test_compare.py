@@ -78,7 +78,12 @@ def test_identical_models_pass_with_zero_error():
     assert out.mismatched == 0 and out.nan_or_inf_mismatch == 0
     assert out.worst_index is None
     assert out.min_atol_to_pass == 0 and out.min_rtol_to_pass == 0
-    assert (out.atol, out.rtol) == default_tolerances(np.float32)
+    # the default verdict is calibrated: the threshold is the measured noise (the Add's constant
+    # nudged by one ulp) times FACTOR plus the dtype floor, element-wise with rtol 0
+    assert out.mode == "calibrated" and out.rtol == 0 and out.margin == float("inf")
+    assert out.noise == max(out.noise_sources["ort_basic"], out.noise_sources["weight_ulp"]) > 0
+    assert out.atol == pytest.approx(4 * out.noise + 2 * 2.0**-24 * out.scale)
+    assert out.atol == out.threshold
 
 
 def test_perturbed_constant_fails_with_exact_error_and_location():
@@ -146,11 +151,14 @@ def test_verify_picks_tolerances_from_the_output_dtype():
         "h (float16[N, 3] X) => (float16[N, 3] Y) <float[3] C = {1.0, 2.0, 3.0}> "
         "{ H = Cast<to = 10>(C)  Y = Add(X, H) }"
     )
-    result = verify_models(half, half)
+    result = verify_models(half, half, atol=None, rtol=1e-2)
 
     assert result.passed
-    assert (result.outputs[0].atol, result.outputs[0].rtol) == default_tolerances(np.float16)
-    assert result.outputs[0].dtype == "float16"
+    assert (result.outputs[0].atol, result.outputs[0].rtol) == (
+        default_tolerances(np.float16)[0],
+        1e-2,
+    )
+    assert result.outputs[0].dtype == "float16" and result.outputs[0].mode == "tolerance"
 
 
 def test_explicit_atol_overrides_the_default_for_every_output():
@@ -517,7 +525,11 @@ def test_bfloat16_models_run_through_ort_values():
 
     assert result.passed
     assert result.outputs[0].dtype == "bfloat16"
-    assert (result.outputs[0].atol, result.outputs[0].rtol) == default_tolerances(
+    # calibrated in bfloat16's own unit roundoff (2**-8): an Identity has no noise of its own
+    out = result.outputs[0]
+    assert out.mode == "calibrated" and out.atol == pytest.approx(2 * 2.0**-8 * out.scale)
+    strict = verify_models(identity, identity, atol=0.3, rtol=0.08)
+    assert (strict.outputs[0].atol, strict.outputs[0].rtol) == default_tolerances(
         ml_dtypes.bfloat16
     )
 

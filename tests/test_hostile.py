@@ -8,7 +8,8 @@ temporary folder (``conftest.private_tempdir``: what other processes put in the 
 temporary folder is never looked at).
 
 A model that is well formed but that ONNX Runtime cannot run (an operator of an unknown domain) is
-not an error: the BatchNorms around it are folded and the report says why verification was skipped.
+not an error: the BatchNorms around it are folded and the report says why it could not be verified;
+unverified is not a pass (exit 4, nothing written) unless ``--accept-unverified``.
 """
 
 from __future__ import annotations
@@ -548,7 +549,7 @@ def test_huge_but_not_absurd_input_is_refused_before_allocating(folder):
     refused(["fold", path, "-o", folder / "out.onnx"], folder, "--no-verify")
 
 
-def test_unknown_domain_folds_around_it_and_says_verification_was_skipped(folder):
+def test_unknown_domain_folds_around_it_and_says_it_is_unverified(folder):
     m = conv_bn()
     g = m.graph
     g.node[1].output[0] = "y0"
@@ -557,14 +558,17 @@ def test_unknown_domain_folds_around_it_and_says_verification_was_skipped(folder
     path = save(m, folder)
     out = folder / "out.onnx"
     result = runner.invoke(app, ["fold", str(path), "-o", str(out), "--json", "-", "-q"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output  # unverified is not a pass: nothing written
     report = json.loads(result.stdout)
     assert report["totals"] == {"batchnorms": 1, "folded": 1, "kept": 0}
     assert "ONNX Runtime cannot run" in report["verification"]["skipped_reason"]
+    assert report["status"] == "unverified" and not report["written"] and not out.exists()
+    accepted = ["fold", str(path), "-o", str(out), "--accept-unverified", "--json", "-", "-q"]
+    assert runner.invoke(app, accepted).exit_code == 0
     folded = onnx.load(str(out))
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Mystery"]
     human = runner.invoke(app, ["fold", str(path), "-o", str(out)])
-    assert human.exit_code == 0 and "Verification skipped" in human.stdout
+    assert human.exit_code == 4 and "Not verified: ONNX Runtime cannot run" in human.stdout
 
 
 def test_nodes_out_of_order_are_accepted(folder):
@@ -607,8 +611,11 @@ def test_absurd_constant_of_shape_is_kept_not_materialised(folder):
     result = runner.invoke(
         app, ["fold", str(path), "-o", str(folder / "out.onnx"), "--json", "-", "-q"]
     )
-    assert result.exit_code == 0, result.output
-    bn = json.loads(result.stdout)["batchnorms"][0]
+    # ONNX Runtime cannot run the original either (its shape inference rejects the BN): unverified
+    assert result.exit_code == 4, result.output
+    report = json.loads(result.stdout)
+    assert report["status"] == "unverified" and not report["written"]
+    bn = report["batchnorms"][0]
     assert bn["status"] == "kept" and "too large" in bn["detail"]
 
 

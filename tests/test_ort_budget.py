@@ -34,7 +34,9 @@ def test_budget_ends_a_2_to_the_62_loop(session):
         with _ort.time_budget(0.5):
             _ort.run(session, FEEDS)
     assert time.monotonic() - started < 5
-    assert isinstance(info.value, BnfoldError) and info.value.exit_code == 3
+    assert (
+        isinstance(info.value, BnfoldError) and info.value.exit_code == 4
+    )  # unverified, not a bug (3)
     assert not isinstance(info.value, _ort.OrtRunError)
     assert not _ort._active  # nothing left registered
 
@@ -47,11 +49,21 @@ def test_env_var_is_the_budget_without_a_block(session, monkeypatch):
     assert time.monotonic() - started < 5
 
 
-def test_verify_models_reports_a_timeout_not_a_mismatch(monkeypatch):
+def test_verify_models_reports_a_timeout_as_unverified_not_a_mismatch(monkeypatch):
     monkeypatch.setenv("BNFOLD_VERIFY_TIMEOUT", "0.5")
     model = endless_loop()
-    with pytest.raises(VerificationTimeout):
-        bnfold.verify(model, model)
+    started = time.monotonic()
+    result = bnfold.verify(model, model)
+    assert time.monotonic() - started < 10
+    assert not result and result.status == "unverified"
+    assert "time budget of 0.5 s" in result.unverified_reason
+
+
+def test_verify_models_timeout_argument_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("BNFOLD_VERIFY_TIMEOUT", "600")
+    model = endless_loop()
+    result = bnfold.verify(model, model, timeout=0.4)
+    assert result.status == "unverified" and "0.4 s" in result.unverified_reason
 
 
 def test_resolve_verify_timeout(monkeypatch):

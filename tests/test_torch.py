@@ -29,6 +29,7 @@ from torch.nn import functional as F  # noqa: E402
 import bnfold.torch as bt  # noqa: E402
 from bnfold import numerics  # noqa: E402
 from bnfold.errors import BnfoldError, InvalidModelError, UsageError  # noqa: E402
+from bnfold.options import FoldOptions  # noqa: E402
 from bnfold.report import SkipReason  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -625,9 +626,19 @@ def test_float16_export_is_verified_and_bfloat16_export_says_why_not(tmp_path):
         x_like(1, 3, 6, 6, dtype=torch.bfloat16),
         tmp_path / "b.onnx",
     )
-    # ONNX Runtime's CPU provider has no bfloat16 Conv: verification is skipped (and says so), not failed.
+    # ONNX Runtime's CPU provider has no bfloat16 Conv: the export is unverified (and says why), not
+    # failed; unverified is not a pass, so nothing is written unless accepted.
     assert bf16.verification.skipped_reason and "ONNX Runtime" in bf16.verification.skipped_reason
-    assert bf16 and bf16.report.written and all(d.folded for d in bf16.decisions)
+    assert not bf16 and bf16.status == "unverified" and bf16.report.exit_code == 4
+    assert not bf16.report.written and not (tmp_path / "b.onnx").exists()
+    accepted = bt.export(
+        copy.deepcopy(model).bfloat16(),
+        x_like(1, 3, 6, 6, dtype=torch.bfloat16),
+        tmp_path / "b.onnx",
+        options=FoldOptions(accept_unverified=True),
+    )
+    assert not accepted and accepted.report.written and accepted.report.exit_code == 0
+    assert all(d.folded for d in accepted.decisions)
 
 
 # --------------------------------------------------------------------------------------- export

@@ -2,7 +2,10 @@
 
 Exit codes: 0 success; 1 verification failed (or ``--strict`` and a BatchNormalization was kept);
 2 bad input or usage (one line on stderr, no traceback); 3 internal error (a bug: traceback kept);
-130 interrupted.
+4 unverified (ONNX Runtime cannot run the original, or the verification's time budget ran out;
+nothing written unless ``--accept-unverified``); 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM.
+Both signals stop ONNX Runtime inside its kernel (``bnfold._ort.cancel_on_signals``) and leave no
+staging files behind.
 
 This module holds the typer app, the root callback and the error guard; each command is a plain
 function in :mod:`bnfold.cli.commands`, registered here behind the guard.
@@ -20,7 +23,7 @@ from bnfold import __version__
 from ._help import BnfoldCommand, BnfoldGroup
 from .commands import bench, check, fold, inspect, verify
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_UNVERIFIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 app = typer.Typer(
     name="bnfold",
@@ -35,15 +38,19 @@ app = typer.Typer(
 
 
 def _guard(func):
-    """Turn the user's errors into one line + exit 2, Ctrl-C into 130, and bugs into exit 3."""
+    """Turn the user's errors into one line + exit 2, Ctrl-C into 130 (SIGTERM 143), and bugs into
+    exit 3. SIGINT and SIGTERM terminate any ONNX Runtime run in flight (see
+    :func:`bnfold._ort.cancel_on_signals`), so cleanup runs and the exit comes within seconds."""
     import functools
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from bnfold._ort import cancel_on_signals
         from bnfold.errors import BnfoldError
 
         try:
-            return func(*args, **kwargs)
+            with cancel_on_signals():
+                return func(*args, **kwargs)
         except typer.Exit:
             raise
         except BnfoldError as exc:
@@ -51,9 +58,9 @@ def _guard(func):
 
             print(f"bnfold: error: {inert(str(exc))}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or _ort.Cancelled from SIGINT/SIGTERM
             print("bnfold: interrupted; nothing was written", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(getattr(exc, "exit_code", EXIT_INTERRUPTED)) from None
         except Exception as exc:
             from bnfold.errors import resource_error
             from bnfold.render.text import inert

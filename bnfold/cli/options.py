@@ -18,7 +18,8 @@ InputShapeOpt = Annotated[
         metavar="NAME=D0,D1,...",
         envvar="BNFOLD_INPUT_SHAPE",
         help="Shape of an input with dynamic dimensions for verification, e.g. input=1,3,224,224. "
-        "Repeatable. Dynamic dimensions not given default to 1.",
+        "Repeatable. Dynamic dimensions not given are sized from the graph so that every weight "
+        "is exercised (the batch is 1); the shapes used are printed.",
     ),
 ]
 AtolOpt = Annotated[
@@ -28,7 +29,8 @@ AtolOpt = Annotated[
         metavar="X",
         min=0.0,
         envvar="BNFOLD_ATOL",
-        help="Absolute tolerance (default: by output dtype).",
+        help="Judge every output element-wise with this absolute tolerance instead of the "
+        "calibrated default (the model's own measured noise); --rtol not given: by dtype.",
     ),
 ]
 RtolOpt = Annotated[
@@ -38,7 +40,8 @@ RtolOpt = Annotated[
         metavar="X",
         min=0.0,
         envvar="BNFOLD_RTOL",
-        help="Relative tolerance (default: by output dtype).",
+        help="Judge every output element-wise with this relative tolerance instead of the "
+        "calibrated default; --atol not given: by dtype.",
     ),
 ]
 SeedOpt = Annotated[
@@ -350,5 +353,25 @@ PlotOpt = Annotated[
         "--plot",
         metavar="FILE.png",
         help="Draw the latency distributions (needs matplotlib: pip install matplotlib, or pip install '.[plot]' in a bnfold checkout).",
+    ),
+]
+AcceptUnverifiedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--accept-unverified",
+        envvar="BNFOLD_ACCEPT_UNVERIFIED",
+        help="When the model cannot be verified (ONNX Runtime cannot run the original, or the "
+        "time budget ran out), still write it and exit 0; the last line then says WRITTEN "
+        "UNVERIFIED. Without it that is exit 4 and nothing is written. Never with --strict.",
+    ),
+]
+VerifyTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--verify-timeout",
+        min=0.0,
+        metavar="SECONDS",
+        help="Time budget of the verification (default: $BNFOLD_VERIFY_TIMEOUT, else 600; 0: no "
+        "limit). Past it ONNX Runtime is stopped and the result is unverified (exit 4).",
     ),
 ]

@@ -11,8 +11,20 @@ created, so peak memory is one model plus one set of outputs, not two models.
 Inputs come from the reference model's declared inputs, seeded with ``numpy.random.default_rng``:
 floating inputs are standard normal (cast to the input's dtype), integer inputs uniform in
 ``[0, 4)`` (small enough to be valid indices for most Gather-like ops), bool inputs fair coin flips.
-Dynamic dimensions are 1 unless ``input_shapes`` says otherwise. Batch ``k`` of ``samples`` uses
-seed ``seed + k``, so any failing batch can be reproduced alone.
+Symbolic dimensions not given in ``input_shapes`` are sized so that every weight is exercised
+(:mod:`bnfold.exercise`: batch 1, every kernel tap sees data); the result records the shapes and
+whether each was given, fixed or derived. Batch ``k`` of ``samples`` uses seed ``seed + k``, so any
+failing batch can be reproduced alone. The whole check runs under a time budget
+(``timeout``/``$BNFOLD_VERIFY_TIMEOUT``); a reference ORT cannot run, or a spent budget, makes the
+result *unverified* (``status``), never a pass.
+
+The default verdict: calibrated
+-------------------------------
+Unless the caller gives ``atol``/``rtol``/``output_tolerances``, each floating output is judged
+against the reference's own measured noise (:mod:`bnfold.calibrate`): the check is the element-wise
+rule below with ``atol = FACTOR x max(ort_basic, weight_ulp) + FLOOR_ULPS x u x max|ref|`` and
+``rtol = 0`` (``OutputComparison.mode == "calibrated"``), so every statistic below keeps its meaning.
+The noise floor (``noise``, ``noise_sources``) and the ``margin`` are reported for every output.
 
 What "equal" means
 ------------------
@@ -35,8 +47,8 @@ the elements that are finite in both outputs, aggregated over all samples:
   can, e.g. a difference where the reference is exactly 0 and exceeds atol, or any NaN/Inf
   mismatch). Comparing again with them passes; they are minimal up to float rounding.
 
-Default tolerances and why
---------------------------
+Default tolerances and why (when the user gives only one of atol/rtol)
+----------------------------------------------------------------------
 Folding changes the order of rounding, not the math: ``conv(x, W) * s + t`` becomes
 ``conv(x, W * s) + t'``, each side rounded differently. A correct fold therefore differs from the
 original by about as much as the original differs from exact arithmetic, and that grows with depth
@@ -62,8 +74,9 @@ other floats      48 * eps    10 * eps    the same rule in units of the dtype's 
 integers, bool    0           0           must be identical
 ================  ==========  ==========  =========================================================
 
-Explicit ``atol``/``rtol`` arguments override the defaults for every output; ``output_tolerances``
-overrides both per output name.
+Explicit ``atol``/``rtol`` arguments judge every output element-wise (the one not given takes the
+default above); ``output_tolerances`` overrides both per output name. These fixed tolerances refuse
+correct folds of deep nets (see ``benchmarks/mutations.py``), hence the calibrated default.
 
 Layout
 ------
@@ -77,6 +90,7 @@ from .inputs import (  # noqa: F401  (private names kept reachable for bnfold.to
     DISTRIBUTIONS,
     _InputSpec,
     _is_float,
+    exercising_shapes,
     load_input_data,
     make_inputs,
     parse_input_shapes,
@@ -100,4 +114,5 @@ __all__ = [
     "verify_models",
     "load_input_data",
     "DISTRIBUTIONS",
+    "exercising_shapes",
 ]

@@ -223,3 +223,62 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError) as exc:
         raise UsageError(f"{path}: not a .npz archive ({_first_line(exc)})") from None
+
+
+#: where an input's shape came from: the user (``--input-shape`` or ``--data``), the model (every
+#: dim fixed), or derived so that every weight is exercised (:mod:`bnfold.exercise`)
+SHAPE_ORIGINS = ("given", "fixed", "derived")
+
+
+def exercising_shapes(
+    model: Any, given: Mapping[str, tuple[int, ...]] | None
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Full shapes for the inputs of ``model`` (a path, serialized bytes or an ``onnx_ir.Model``)
+    that exercise every weight, and where each came from (``SHAPE_ORIGINS``).
+
+    Shapes in ``given`` are used as given; the others come from
+    :func:`bnfold.exercise.derive_input_shapes` (the batch dim 1, other symbolic dims sized from
+    what the graph constrains). Raises :class:`~bnfold.exercise.InputShapeError` (exit 2, asking
+    for ``--input-shape``) when no sensible size exists. A model that cannot be read as ONNX, or
+    whose inputs have no declared rank, keeps the given shapes only (``make_inputs`` then uses 1
+    for dynamic dims, as ORT reports them); that case is logged.
+    """
+    import logging
+
+    from bnfold import io
+    from bnfold.errors import BnfoldError
+    from bnfold.exercise import InputShapeError, derive_input_shapes
+
+    log = logging.getLogger("bnfold.compare")
+    given = {str(k): tuple(int(d) for d in v) for k, v in (given or {}).items()}
+    try:
+        if isinstance(model, (bytes, bytearray, memoryview)):
+            ir_model = io.from_bytes(bytes(model))
+        elif isinstance(model, (str, os.PathLike)):
+            ir_model = io.load(os.fspath(model))
+        else:
+            ir_model = model
+        graph_inputs = [v for v in ir_model.graph.inputs if not v.is_initializer()]
+    except (BnfoldError, OSError, ValueError) as error:
+        log.info("input shapes not derived (%s)", _first_line(error))
+        return given, {name: "given" for name in given}
+    if any(v.shape is None and (v.name or "") not in given for v in graph_inputs):
+        log.info("input shapes not derived: an input has no declared rank")
+        return given, {name: "given" for name in given}
+    try:
+        shapes = derive_input_shapes(ir_model, given)
+    except InputShapeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a graph the walk does not know: say so, go on
+        log.warning("input shapes not derived (%s); dynamic dims are 1", _first_line(error))
+        return given, {name: "given" for name in given}
+    origins: dict[str, str] = {}
+    for value in graph_inputs:
+        name = value.name or ""
+        if name in given:
+            origins[name] = "given"
+        elif all(isinstance(d, int) for d in value.shape or ()):
+            origins[name] = "fixed"
+        else:
+            origins[name] = "derived"
+    return {**given, **shapes}, origins  # a given name the model lacks: make_inputs says so

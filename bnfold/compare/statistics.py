@@ -69,9 +69,21 @@ class OutputComparison:
     elements: int = 0
     worst_sample: int | None = None
     message: str | None = None
+    # the verdict's yardstick (see bnfold.calibrate): "calibrated" (atol is the threshold derived
+    # from the measured noise, rtol 0), "tolerance" (the user's atol/rtol) or "exact" (integers)
+    mode: str = "tolerance"
+    noise: float | None = None  # the measured noise floor, max over noise_sources' runs
+    noise_sources: dict[str, float] | None = None
+    scale: float = 0.0  # max |reference| over finite elements and samples
+    margin: float = math.inf  # min over elements of allowed / |difference|; passes when >= 1
 
     def __bool__(self) -> bool:
         return self.passed
+
+    @property
+    def threshold(self) -> float:
+        """The largest difference allowed at the output's largest reference value."""
+        return self.atol + self.rtol * self.scale
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; floats that are not finite (``inf``, ``nan``) become ``None``."""
@@ -94,6 +106,16 @@ class OutputComparison:
             "min_atol_to_pass": _finite_or_none(self.min_atol_to_pass),
             "min_rtol_to_pass": _finite_or_none(self.min_rtol_to_pass),
             "message": self.message,
+            "mode": self.mode,
+            "noise": _finite_or_none(self.noise) if self.noise is not None else None,
+            "noise_sources": (
+                {k: _finite_or_none(v) for k, v in self.noise_sources.items()}
+                if self.noise_sources is not None
+                else None
+            ),
+            "threshold": _finite_or_none(self.threshold),
+            "scale": _finite_or_none(self.scale),
+            "margin": _finite_or_none(self.margin),
         }
 
 
@@ -136,6 +158,8 @@ class _Accumulator:
         self.worst: tuple[tuple[int, ...], int] | None = None
         self.first_nonfinite: tuple[tuple[int, ...], int] | None = None
         self.message: str | None = None
+        self.max_ratio = 0.0  # max of |difference| / (atol + rtol * |reference|)
+        self.scale = 0.0
 
     def add(self, reference: Any, candidate: Any, sample: int = 0) -> None:
         ref, cand = np.asarray(reference), np.asarray(candidate)
@@ -182,9 +206,14 @@ class _Accumulator:
         diff = np.abs(c - r)
         abs_ref = np.abs(r)
         atol, rtol = self.atol, self.rtol
-        self.mismatched += int(np.count_nonzero(~(diff <= atol + rtol * abs_ref)))
+        allowed = atol + rtol * abs_ref
+        self.mismatched += int(np.count_nonzero(~(diff <= allowed)))
         if diff.size == 0:
             return
+        self.scale = max(self.scale, float(abs_ref.max()))
+        over_zero = (allowed == 0) & (diff > 0)
+        ratio = np.where(allowed > 0, diff / np.where(allowed > 0, allowed, 1), 0.0)
+        self.max_ratio = max(self.max_ratio, math.inf if over_zero.any() else float(ratio.max()))
         self.diffs.append(diff)
 
         k = int(np.argmax(diff))
@@ -260,6 +289,8 @@ class _Accumulator:
             elements=self.elements,
             worst_sample=None if worst is None else worst[1],
             message=self.message,
+            scale=self.scale,
+            margin=0.0 if hopeless else (math.inf if self.max_ratio == 0 else 1 / self.max_ratio),
         )
 
 

@@ -115,6 +115,7 @@ def bench(
         note=level_note(plan.sources),
         models=tuple(plan.names),
         input_shapes={k: tuple(int(d) for d in v.shape) for k, v in (plan.feeds or {}).items()},
+        input_shape_origins=dict(plan.shape_origins or {}),
         warmup=plan.warmup,
         runs=plan.runs,
         seconds_budget=plan.seconds,

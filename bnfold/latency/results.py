@@ -209,6 +209,7 @@ class BenchResult:
     note: str = LEVEL_NOTE
     models: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shape_origins: Mapping[str, str] = field(default_factory=dict)  # given/fixed/derived
     warmup: int = 0
     runs: int | None = None
     seconds_budget: float | None = None
@@ -243,6 +244,7 @@ class BenchResult:
             "provider": self.provider,
             "onnxruntime_version": self.onnxruntime_version,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "input_shape_origins": dict(self.input_shape_origins),
             "warmup": self.warmup,
             "runs": self.runs,
             "seconds_budget": self.seconds_budget,

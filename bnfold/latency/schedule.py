@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnfold import _ort
-from bnfold.compare.inputs import make_inputs
+from bnfold.compare.inputs import exercising_shapes, make_inputs
 
 from .sessions import _check_inputs, _open_session, _run_error, _shapes_with_batch
 
@@ -93,6 +93,7 @@ class _Plan:
     per_level: int  # progress units per level: timed runs of all models, or ms of budget
     total: int
     feeds: dict[str, np.ndarray] | None = None
+    shape_origins: dict[str, str] | None = None  # given / fixed / derived, per input
 
     @property
     def count(self) -> int:
@@ -154,11 +155,13 @@ def _open_block(plan: _Plan, state: _Level, block: int) -> None:
         )
         if plan.feeds is None:
             session_inputs = session.get_inputs()
-            plan.feeds = make_inputs(
-                session_inputs,
-                input_shapes=_shapes_with_batch(session_inputs, plan.shapes, plan.batch_size),
-                seed=plan.seed,
-            )
+            given = _shapes_with_batch(session_inputs, plan.shapes, plan.batch_size)
+            # the shapes verification uses: every weight exercised, not a 1x1 image
+            shapes, plan.shape_origins = exercising_shapes(plan.sources[i], given)
+            plan.feeds = make_inputs(session_inputs, input_shapes=shapes, seed=plan.seed)
+            for spec in session_inputs:  # "default": dynamic dims left at 1 (see verify)
+                fixed = all(isinstance(d, int) for d in spec.shape or ())
+                plan.shape_origins.setdefault(spec.name, "fixed" if fixed else "default")
         elif state.index == 0 and block == 0:
             _check_inputs(plan.names[i], plan.names[0], session, plan.feeds)
         runner = _ort.make_runner(session, plan.feeds)

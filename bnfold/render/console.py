@@ -20,6 +20,9 @@ __all__ = [
     "render_localize",
     "render_verification",
     "status_line",
+    "fold_final_line",
+    "verify_final_line",
+    "shapes_text",
 ]
 
 import io
@@ -129,6 +132,56 @@ def status_line(passed: bool) -> Text:
     return _styled("PASSED", "bold green") if passed else _styled("FAILED", "bold red")
 
 
+def _unverified_line(
+    reason: str, accepted: bool, strict: bool = False, written: bool = True
+) -> Text:
+    """``UNVERIFIED: <reason>; nothing written (...)`` or ``WRITTEN UNVERIFIED: <reason>``."""
+    if accepted:
+        head = "WRITTEN UNVERIFIED" if written else "UNVERIFIED (accepted)"
+        return _join(_styled(f"{head}:", "bold yellow"), " ", inert_text(reason))
+    why = "--strict refuses unverified output" if strict else "--accept-unverified writes it anyway"
+    tail = (
+        f"; nothing written ({why})" if written else f" ({why.replace('writes it', 'accepts it')})"
+    )
+    return _join(_styled("UNVERIFIED:", "bold yellow"), " ", inert_text(reason), tail)
+
+
+def fold_final_line(report: FoldReport) -> Text:
+    """The last line of a fold, one of ``PASSED``, ``FAILED (...)``, ``UNVERIFIED: <reason>;
+    nothing written (--accept-unverified writes it anyway)``, ``WRITTEN UNVERIFIED: <reason>``
+    (``--no-verify`` or ``--accept-unverified``): a CI log tells them apart with one grep."""
+    status = report.status
+    if status == "passed":
+        return status_line(True)
+    if status == "unverified":
+        reason = report.unverified_reason or "not verified"
+        return _unverified_line(
+            reason, report.unverified_accepted, report.strict, written=report.output is not None
+        )
+    why = []
+    if report.verification_failed:
+        why.append("verification failed")
+    if report.strict and report.kept:
+        why.append(f"--strict and {len(report.kept)} BatchNormalization kept")
+    return _join(status_line(False), f" ({'; '.join(why)})")
+
+
+def verify_final_line(v: VerificationResult, accept_unverified: bool = False) -> Text:
+    """``PASSED``, ``FAILED`` or ``UNVERIFIED: <reason> (...)`` for ``bnfold verify``."""
+    if v.status == "unverified":
+        return _unverified_line(v.skipped_reason or "", accept_unverified, written=False)
+    return status_line(v.status == "passed")
+
+
+def shapes_text(shapes: dict, origins: dict) -> str:
+    """``x=[1,3,17,17] (derived), y=[4] (given)``: the input shapes a check or benchmark used."""
+    return ", ".join(
+        f"{inert(name)}=[{','.join(str(int(d)) for d in shape)}]"
+        + (f" ({origins[name]})" if name in origins else "")
+        for name, shape in shapes.items()
+    )
+
+
 # --- fold ------------------------------------------------------------------------------------------
 
 
@@ -152,7 +205,9 @@ def render(
     if report.verification is not None:
         render_verification(report.verification, console)
     else:
-        _line(console, "Verification: not run (--no-verify).")
+        _line(
+            console, f"Verification: not run ({inert(report.unverified_reason or '--no-verify')})."
+        )
     if report.bench is not None:
         render_bench(report.bench, console)
     if report.timings:
@@ -167,18 +222,14 @@ def render(
                     _styled("Not written:", "red" if report.verification_failed else "yellow"),
                     " ",
                     inert_text(report.output),
-                    " (verification failed)" if report.verification_failed else " (unchanged)",
+                    " (verification failed)"
+                    if report.verification_failed
+                    else " (unverified)"
+                    if report.verification_status == "unverified"
+                    else " (unchanged)",
                 ),
             )
-    if report.passed:
-        _line(console, status_line(True))
-    else:
-        why = []
-        if report.verification_failed:
-            why.append("verification failed")
-        if report.strict and report.kept:
-            why.append(f"--strict and {len(report.kept)} BatchNormalization kept")
-        _line(console, _join(status_line(False), f" ({'; '.join(why)})"))
+    _line(console, fold_final_line(report))
 
 
 def _render_decisions(report: FoldReport, console: Console, *, verbose: bool) -> None:
@@ -230,21 +281,26 @@ def render_verification(
 ) -> None:
     """Per-output error table of a VerificationResult, or why it did not run.
 
-    ``title`` may hold paths: it is shown as inert text."""
+    ``title`` may hold paths: it is shown as inert text. Per output: the fold's largest error, the
+    reference's own measured noise floor, what is allowed, and the margin (allowed / error; the
+    output passes when it is at least 1)."""
+    if v.input_shapes:
+        _line(console, "Inputs: " + shapes_text(v.input_shapes, v.input_shape_origins))
     if v.skipped_reason:
         _line(
             console,
-            _join(_styled("Verification skipped:", "yellow"), " ", inert_text(v.skipped_reason)),
+            _join(_styled("Not verified:", "yellow"), " ", inert_text(v.skipped_reason)),
         )
+        return
+    if v.unchanged:
+        _line(console, _join("Verification not needed: ", inert_text(v.unchanged)))
         return
     if v.outputs:
         vt = _table(
             inert_text(title)
             if title
             else "Verification (ONNX Runtime, CPU, optimizations disabled)",
-            # An element passes when |cand - ref| <= atol + rtol*|ref|; "atol needed" is the
-            # smallest atol that rule needs at this rtol, so a row passes iff atol needed <= atol.
-            ("output", "dtype", "max abs", "atol needed", "atol", "rtol", "result"),
+            ("output", "dtype", "max abs", "noise floor", "allowed", "margin", "result"),
         )
         for o in v.outputs:
             result = (
@@ -256,9 +312,9 @@ def render_verification(
                 inert_text(o.name),
                 inert_text(o.dtype),
                 _fmt_err(o.max_abs_error),
-                _fmt_err(o.min_atol_to_pass),
-                f"{o.atol:g}",
-                f"{o.rtol:g}",
+                _fmt_err(o.noise),
+                _allowed(o),
+                _fmt_margin(o.margin),
                 result,
             )
         _emit(console, vt)
@@ -271,14 +327,37 @@ def render_verification(
             if o.message:
                 _line(console, _styled(f"{name}: {inert(o.message)}", "red"))
             if not o.passed and o.nan_or_inf_mismatch == 0 and not o.message:
-                _line(
-                    console,
+                hint = (
                     f"{name}: worst element {list(o.worst_index or ())}; would pass with "
                     f"atol ≥ {o.min_atol_to_pass:.3g} (at rtol {o.rtol:g}) or rtol ≥ "
-                    f"{o.min_rtol_to_pass:.3g} (at atol {o.atol:g})",
+                    f"{o.min_rtol_to_pass:.3g} (at atol {o.atol:g})"
                 )
+                if o.mode == "calibrated":
+                    hint = (
+                        f"{name}: worst element {list(o.worst_index or ())}; error "
+                        f"{_fmt_err(o.max_abs_error)} is {_fmt_err(1 / o.margin if o.margin else None)}x "
+                        f"what the model's own noise allows (--atol/--rtol/--tol judge element-wise)"
+                    )
+                _line(console, hint)
     if v.message:
         _line(console, _styled(inert(v.message), "red"))
+
+
+def _fmt_margin(margin: float | None) -> str:
+    if margin is None:
+        return "-"
+    if margin == float("inf"):
+        return "exact"
+    return f"{margin:.3g}x"
+
+
+def _allowed(o: Any) -> str:
+    """What the output was allowed: the calibrated threshold, the user's tolerance, or exact."""
+    if o.mode == "calibrated":
+        return f"≤ {o.atol:.3g}"
+    if o.mode == "exact" or (o.atol == 0 and o.rtol == 0):
+        return "exact"
+    return f"atol {o.atol:g} + rtol {o.rtol:g}·|ref|"
 
 
 def render_localize(located: LocalizeResult, console: Console) -> None:
@@ -325,6 +404,12 @@ def render_bench(result: BenchResult, console: Console) -> None:
             verdict,
         )
     _emit(console, t)
+    if result.input_shapes:
+        _line(
+            console,
+            "Inputs: "
+            + shapes_text(dict(result.input_shapes), dict(result.input_shape_origins or {})),
+        )
     _line(console, _styled(result.note, "dim"))
 
 
@@ -345,7 +430,7 @@ def max_error(verification: dict[str, Any] | None) -> str:
     if not verification:
         return "not run"
     if verification.get("skipped_reason"):
-        return "skipped"
+        return "unverified"
     errs = [
         o["max_abs_error"]
         for o in verification.get("outputs", [])
@@ -439,13 +524,29 @@ def render_batch(result: BatchResult, console: Console) -> None:
             reason_counts(kept),
             max_error(m.get("verification")),
             inert_text(m["output"]) if m.get("written") else "not written",
-            _styled("PASSED", "green") if item.exit_code == 0 else _styled("FAILED", "red"),
+            _styled(
+                item.status,
+                "green"
+                if item.status == "PASSED"
+                else ("yellow" if "UNVERIFIED" in item.status else "red"),
+            ),
         )
     _emit(console, t)
     for item in errors:
         for line in failure_lines(item.report or {"input": item.input}, item.error or "failed"):
             _line(console, _styled(line, "red"))
-    _line(console, status_line(result.passed))
+    if result.exit_code == 4:
+        n = sum(1 for i in result.items if i.exit_code == 4)
+        _line(
+            console,
+            _join(
+                _styled("UNVERIFIED:", "bold yellow"),
+                f" {n} model(s) could not be verified; nothing written for them "
+                "(--accept-unverified writes them anyway)",
+            ),
+        )
+    else:
+        _line(console, status_line(result.passed))
 
 
 def render_check(results: list[CheckResult], console: Console) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold._text import format_ms as _ms
 
-from .console import max_error, reason_counts
+from .console import _allowed, _fmt_margin, max_error, reason_counts, shapes_text
 from .text import md_inert
 
 if TYPE_CHECKING:
@@ -48,18 +48,20 @@ def verification_markdown(
 ) -> str:
     """A Markdown summary of a verification (for CI job summaries)."""
     lines = [
-        f"### bnfold verify: {'PASSED' if bool(v) or v.skipped_reason else 'FAILED'}",
+        f"### bnfold verify: {v.status.upper()}",
         "",
         f"{md_inert(reference)} vs {md_inert(candidate)} (ONNX Runtime, optimizations disabled, "
         f"seed {v.seed}, {v.samples} sample(s))",
         "",
     ]
+    if v.input_shapes:
+        lines += [f"Inputs: {md_inert(shapes_text(v.input_shapes, v.input_shape_origins))}", ""]
     if v.skipped_reason:
-        lines.append(f"Verification skipped: {md_inert(v.skipped_reason)}")
+        lines.append(f"Unverified: {md_inert(v.skipped_reason)}")
     if v.outputs:
         lines += [
-            "| output | dtype | max abs | atol needed | atol | rtol | result |",
-            "|---|---|--:|--:|--:|--:|---|",
+            "| output | dtype | max abs | noise floor | allowed | margin | result |",
+            "|---|---|--:|--:|---|--:|---|",
         ]
         for o in v.outputs:
             lines.append(
@@ -68,9 +70,9 @@ def verification_markdown(
                         md_inert(o.name),
                         md_inert(o.dtype),
                         _fmt_err(o.max_abs_error),
-                        _fmt_err(o.min_atol_to_pass),
-                        f"{o.atol:g}",
-                        f"{o.rtol:g}",
+                        _fmt_err(o.noise),
+                        md_inert(_allowed(o)),
+                        _fmt_margin(o.margin),
                         "pass" if o.passed else "FAIL",
                     ]
                 )
@@ -94,7 +96,7 @@ def batch_markdown(result: BatchResult) -> str:
 
 def batch_markdown_rows(models: list[dict[str, Any]], *, title: str) -> str:
     """The fold summary from reports in their JSON form (``FoldReport.to_dict``)."""
-    ok = all(m.get("passed") for m in models)
+    ok = all(m.get("exit_code", 0 if m.get("passed") else 1) == 0 for m in models)
     lines = [
         f"### {title}: {'PASSED' if ok else 'FAILED'}",
         "",
@@ -118,7 +120,7 @@ def batch_markdown_rows(models: list[dict[str, Any]], *, title: str) -> str:
                     reason_counts(kept),  # SkipReason values: bnfold's own words
                     max_error(m.get("verification")),
                     "yes" if m.get("written") else "no",
-                    "PASSED" if m["passed"] else "FAILED",
+                    _model_outcome(m),
                 ]
             )
         )
@@ -138,6 +140,16 @@ def batch_markdown_rows(models: list[dict[str, Any]], *, title: str) -> str:
     return "\n".join(lines)
 
 
+def _model_outcome(m: dict[str, Any]) -> str:
+    """PASSED, FAILED, UNVERIFIED (exit 4) or WRITTEN UNVERIFIED, from a report's JSON form."""
+    code = m.get("exit_code", 0 if m.get("passed") else 1)
+    if code == 4:
+        return "UNVERIFIED"
+    if code == 0:
+        return "WRITTEN UNVERIFIED" if m.get("status") == "unverified" else "PASSED"
+    return "FAILED"
+
+
 def check_markdown(results: list[CheckResult]) -> str:
     """``bnfold check`` for CI job summaries: one row per model, then every foldable BN left."""
     ok = all(r.passed for r in results)
@@ -150,7 +162,7 @@ def check_markdown(results: list[CheckResult]) -> str:
     rows = []
     for r in results:
         v = r.verification
-        vtext = "-" if v is None else ("skipped" if v.skipped_reason else ("pass" if v else "FAIL"))
+        vtext = "-" if v is None else {"passed": "pass", "failed": "FAIL"}.get(v.status, v.status)
         outcome = "PASSED" if r.passed else ("error: " + md_inert(r.error) if r.error else "FAILED")
         path = md_inert(r.path)
         lines.append(
@@ -244,6 +256,7 @@ def _bench_settings(result: BenchResult) -> str:
     )
     shapes = ", ".join(
         f"{md_inert(name)} [{', '.join(map(str, shape))}]"
+        + (f" ({origin})" if (origin := result.input_shape_origins.get(name)) else "")
         for name, shape in result.input_shapes.items()
     )
     timed = (

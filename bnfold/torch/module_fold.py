@@ -99,6 +99,12 @@ class ModuleFoldResult:
     def passed(self) -> bool:
         return self.report.passed
 
+    @property
+    def status(self) -> str:
+        """``"passed"``, ``"failed"`` or ``"unverified"`` (no ``example_inputs``, or ``verify=False``:
+        the result is then falsy, never presented as verified)."""
+        return self.report.status
+
     def __bool__(self) -> bool:
         return self.report.passed
 
@@ -185,6 +191,11 @@ def fold_module(
         input=f"{type(module).__name__} (torch.nn.Module)",
         strict=opts.strict,
         nodes_before=nodes_before,
+        unverified_note=(
+            "no example_inputs: the folded module was not run, so it is unverified"
+            if feeds is None
+            else (None if opts.verify else "verify=False")
+        ),
         nodes_after=_count_layers(result_module),
     )
     if feeds is not None and opts.verify:

@@ -437,6 +437,9 @@ def _fold_export(
     report.input = f"{type(module).__name__} (torch.onnx.export)"
     report.output = str(out_path)
     report.strict = opts.strict
+    report.accept_unverified = opts.accept_unverified
+    if not opts.verify:
+        report.unverified_note = "--no-verify"
     return report, folded.model
 
 
@@ -482,7 +485,9 @@ def _write_verified(
                 rtol=opts.rtol,
             )
             timings["verify"] = time.perf_counter() - t3
-        if not report.verification_failed:
+        from bnfold.api import _may_write
+
+        if _may_write(report):
             staged.commit()
             report.written = True
     finally:

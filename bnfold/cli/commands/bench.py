@@ -27,6 +27,7 @@ from bnfold.cli.options import (
     RunsOpt,
     SecondsOpt,
     ThreadsOpt,
+    VerifyTimeoutOpt,
     WarmupOpt,
 )
 
@@ -49,6 +50,7 @@ def bench(
     input_shape: BenchInputShapeOpt = None,
     provider: ProviderOpt = "cpu",
     seed: BenchSeedOpt = 0,
+    verify_timeout: VerifyTimeoutOpt = None,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     plot_file: PlotOpt = None,
@@ -67,6 +69,7 @@ def bench(
     for path in models:
         check_model_path(path)
     console = console_for(json_out == "-")
+    _first_run_bounded([str(m) for m in models], shapes, batch_size, seed, verify_timeout)
     with Progress(console, enabled=True) as tick:
         result = run_bench(
             [str(m) for m in models],
@@ -90,3 +93,28 @@ def bench(
     render_bench(result, console)
     if plot_file is not None:
         console.print(f"Plot written to {inert(str(plot_file))}", markup=False, highlight=False)
+
+
+def _first_run_bounded(
+    models: list[str], shapes: dict, batch_size: int | None, seed: int, timeout: float | None
+) -> None:
+    """Run each model once on the benchmark's inputs under the verification time budget, where
+    Ctrl-C and SIGTERM can stop ONNX Runtime inside a kernel (the timing loops that follow call
+    ORT directly, without a watchdog thread, so that nothing but the model is timed). A model that
+    does not finish raises VerificationTimeout (exit 4)."""
+    from bnfold import _ort
+    from bnfold.compare import make_inputs
+    from bnfold.compare.inputs import exercising_shapes
+    from bnfold.latency.sessions import _shapes_with_batch
+
+    budget = _ort.resolve_verify_timeout(timeout)
+    with _ort.time_budget(float("inf") if budget is None else budget):
+        for model in models:
+            session = _ort.make_session(model, level="disable")
+            spec = session.get_inputs()
+            given, _ = exercising_shapes(model, _shapes_with_batch(spec, shapes, batch_size))
+            try:
+                _ort.run(session, make_inputs(spec, input_shapes=given, seed=seed))
+            except _ort.OrtRunError:
+                pass  # the benchmark itself reports a model that fails to run, with its inputs
+            del session

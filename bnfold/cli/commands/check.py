@@ -15,6 +15,7 @@ from bnfold.cli._shared import (
     write_markdown,
 )
 from bnfold.cli.options import (
+    AcceptUnverifiedOpt,
     AgainstOpt,
     AllowNodeOpt,
     AllowOpt,
@@ -26,6 +27,7 @@ from bnfold.cli.options import (
     RtolOpt,
     SeedOpt,
     TrustPickleOpt,
+    VerifyTimeoutOpt,
 )
 
 
@@ -46,6 +48,8 @@ def check(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     trust_pickle: TrustPickleOpt = False,
+    verify_timeout: VerifyTimeoutOpt = None,
+    accept_unverified: AcceptUnverifiedOpt = False,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     quiet: QuietOpt = False,
@@ -54,7 +58,7 @@ def check(
 
     Nothing is written and no ONNX Runtime session is created unless --against is given. Each foldable BN is named with where it would fold.
 
-    Exit codes: 0 nothing left to fold (within --allow / --allow-node) and, with --against, outputs match; 1 otherwise; 2 bad input or usage.
+    Exit codes: 0 nothing left to fold (within --allow / --allow-node) and, with --against, outputs match; 1 otherwise; 2 bad input or usage; 4 --against could not verify (the original does not run under ONNX Runtime, or --verify-timeout ran out; 0 with --accept-unverified).
     """
     from bnfold.batch import check_model, expand_inputs
     from bnfold.compare import parse_input_shapes
@@ -68,7 +72,9 @@ def check(
         raise UsageError("--against compares one model with its original; give exactly one model")
     if against is not None:
         check_model_path(against)
-    verify_options = dict(input_shapes=shapes or None, seed=seed, atol=atol, rtol=rtol)
+    verify_options = dict(
+        input_shapes=shapes or None, seed=seed, atol=atol, rtol=rtol, timeout=verify_timeout
+    )
     console = console_for(json_out == "-")
     results = [
         check_model(
@@ -79,6 +85,7 @@ def check(
             verify_options=verify_options,
             input_shapes=shapes or None,
             trust_pickle=trust_pickle,
+            accept_unverified=accept_unverified,
         )
         for path, _ in inputs
     ]
@@ -91,9 +98,10 @@ def _show(results: list, allow: int, console, json_out, markdown, quiet: bool) -
     """--json, --markdown, the table and the PASSED/FAILED line; exit with the worst code."""
     from bnfold.render.console import render_check
     from bnfold.render.markdown import check_markdown
-    from bnfold.report import SCHEMA_VERSION
+    from bnfold.render.text import inert
+    from bnfold.report import SCHEMA_VERSION, worst_exit_code
 
-    exit_code = max(r.exit_code for r in results)
+    exit_code = worst_exit_code([r.exit_code for r in results])
     if json_out:
         write_json(
             {
@@ -114,5 +122,10 @@ def _show(results: list, allow: int, console, json_out, markdown, quiet: bool) -
 
         for line in check_failure_lines(results, allow):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-    console.print("[bold green]PASSED[/]" if exit_code == 0 else "[bold red]FAILED[/]")
+    if exit_code == 4:
+        reasons = [r.verification.skipped_reason for r in results if r.exit_code == 4]
+        line = f"UNVERIFIED: {inert(reasons[0] or '')} (--accept-unverified accepts it anyway)"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("[bold green]PASSED[/]" if exit_code == 0 else "[bold red]FAILED[/]")
     raise typer.Exit(exit_code)

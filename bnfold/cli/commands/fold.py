@@ -18,6 +18,7 @@ from bnfold.cli._shared import (
     write_markdown,
 )
 from bnfold.cli.options import (
+    AcceptUnverifiedOpt,
     AllowSlowerFoldsOpt,
     AtolOpt,
     BenchOpt,
@@ -40,6 +41,7 @@ from bnfold.cli.options import (
     TrustPickleOpt,
     VerboseOpt,
     VerifyOpt,
+    VerifyTimeoutOpt,
 )
 from bnfold.options import FoldOptions
 
@@ -64,6 +66,8 @@ def fold(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     strict: StrictOpt = False,
+    accept_unverified: AcceptUnverifiedOpt = False,
+    verify_timeout: VerifyTimeoutOpt = None,
     bench: BenchOpt = False,
     external_data: ExternalDataOpt = None,
     lower_remaining: LowerRemainingOpt = False,
@@ -80,7 +84,7 @@ def fold(
 
     Each BN is reported as folded (into which node, how) or kept (with the reason). The folded model is verified against the original unless --no-verify is given, and written atomically: completely, or not at all. Several models (or a directory) are folded one by one, by --jobs local worker processes, or on a Dask cluster (--scheduler); one failing model does not stop the others.
 
-    Exit codes: 0 passed; 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error. With several models: the worst of them.
+    Exit codes: 0 passed (or written unverified on request: --no-verify, --accept-unverified); 1 verification failed or --strict and a BN was kept; 2 bad input or usage; 3 internal error; 4 unverified (ONNX Runtime cannot run the original, or --verify-timeout ran out): nothing written; 130/143 interrupted (SIGINT/SIGTERM). With several models: the worst of them.
     """
     from bnfold.batch import expand_inputs
     from bnfold.compare import parse_input_shapes
@@ -100,6 +104,8 @@ def fold(
         bench=bench,
         trust_pickle=trust_pickle,
         exporter=exporter,
+        accept_unverified=accept_unverified,
+        verify_timeout=verify_timeout,
     )
     inputs = expand_inputs(models)
     if not inputs:
@@ -195,7 +201,7 @@ class _Output:
 def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> None:
     """One model: fold (and verify, write, time), render, exit with the report's code."""
     from bnfold.batch import fold_any
-    from bnfold.render.console import render
+    from bnfold.render.console import fold_final_line, render
     from bnfold.render.markdown import fold_markdown
 
     with Progress(out.console, enabled=not out.quiet, model=model, output=output) as progress:
@@ -203,7 +209,9 @@ def _fold_one(model: Path, output: Path, options: FoldOptions, out: _Output) -> 
     report = result.report
     out.write(report.to_dict(), lambda: fold_markdown([report]))
     if out.quiet:
-        _quiet_end(out.console, [report.to_dict()] if not report.passed else [], report.passed)
+        _quiet_end(
+            out.console, [report.to_dict()] if not report.passed else [], fold_final_line(report)
+        )
     else:
         render(report, out.console, verbose=out.verbose)
     raise typer.Exit(report.exit_code)
@@ -254,15 +262,18 @@ def _fold_batch(
     out.write(result.to_dict(), lambda: batch_markdown(result))
     if quiet:
         failed = [i for i in result.items if i.exit_code != 0]
-        _quiet_end(console, failed, result.passed)
+        _quiet_end(
+            console, failed, "PASSED" if result.exit_code == 0 else _batch_word(result.exit_code)
+        )
     else:
         render_batch(result, console)
     raise typer.Exit(result.exit_code)
 
 
-def _quiet_end(console: Any, failed: list, passed: bool) -> None:  # noqa: ANN401
-    """``-q``: no tables, but one line per cause of failure, then PASSED/FAILED."""
-    from bnfold.render.console import failure_lines, status_line
+def _quiet_end(console: Any, failed: list, final_line: Any) -> None:  # noqa: ANN401
+    """``-q``: no tables, but one line per cause of failure, then the final line (PASSED, FAILED,
+    UNVERIFIED..., WRITTEN UNVERIFIED...)."""
+    from bnfold.render.console import failure_lines
 
     for entry in failed:
         if isinstance(entry, dict):
@@ -271,7 +282,7 @@ def _quiet_end(console: Any, failed: list, passed: bool) -> None:  # noqa: ANN40
             lines = failure_lines(entry.report or {"input": entry.input}, entry.error)
         for line in lines:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-    console.print(status_line(passed), soft_wrap=True)
+    console.print(final_line, highlight=False, soft_wrap=True)  # a str or an inert rich Text
 
 
 def _fold_in_place(
@@ -283,6 +294,7 @@ def _fold_in_place(
     from bnfold.errors import UsageError
     from bnfold.render.console import render
     from bnfold.render.markdown import fold_markdown
+    from bnfold.report import worst_exit_code
 
     if output is not None or output_dir is not None:
         raise UsageError("--in-place writes over each MODEL; it takes no -o/--output-dir")
@@ -303,6 +315,12 @@ def _fold_in_place(
     )
     out.write(payload, lambda: fold_markdown(reports))
     failed = [r.to_dict() for r in reports if not r.passed]
+    worst = worst_exit_code([r.exit_code for r in reports])
     if out.quiet:
-        _quiet_end(out.console, failed, not failed)
-    raise typer.Exit(max(r.exit_code for r in reports))
+        _quiet_end(out.console, failed, "PASSED" if not failed else _batch_word(worst))
+    raise typer.Exit(worst)
+
+
+def _batch_word(exit_code: int) -> str:
+    """The final word of a batch that did not pass: UNVERIFIED when the worst is exit 4."""
+    return "UNVERIFIED" if exit_code == 4 else "FAILED"
