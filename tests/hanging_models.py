@@ -39,3 +39,28 @@ def endless_loop() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def endless_loop_with_bn() -> onnx.ModelProto:
+    """:func:`endless_loop` plus a Conv → BatchNormalization branch (input ``z``, output ``w``), so a
+    fold has something to fold and then must verify the whole model, Loop included."""
+    model = endless_loop()
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 3, 3]))
+    g.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 2, 3, 3]))
+    rng = np.random.default_rng(0)
+    params = {
+        "cw": rng.standard_normal((2, 2, 1, 1)).astype(np.float32),
+        "gamma": np.array([1.5, 0.5], np.float32),
+        "beta": np.array([0.1, -0.2], np.float32),
+        "mean": np.array([0.3, -0.1], np.float32),
+        "var": np.array([2.0, 0.5], np.float32),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in params.items())
+    g.node.append(helper.make_node("Conv", ["z", "cw"], ["c"], name="conv"))
+    g.node.append(
+        helper.make_node(
+            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["w"], name="bn"
+        )
+    )
+    return model

@@ -85,6 +85,8 @@ def workdir(tmp_path, monkeypatch) -> Path:
     w.flat[0] += 0.5
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     onnx.save(folded, tmp_path / "broken.onnx")
+    # cnn2d.folded.onnx: what the README's first command writes, which later examples read.
+    bnfold.fold(str(tmp_path / "sample_models" / "cnn2d.onnx"), str(tmp_path / "cnn2d.folded.onnx"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -102,7 +102,7 @@ def test_quiet_strict_names_the_kept_batchnorm(tmp_path):
     result = invoke("fold", model, "-o", tmp_path / "k.onnx", "--strict", "-q")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert lines[-1] == "FAILED"
+    assert lines[-1] == "FAILED (--strict and 1 BatchNormalization kept)"
     assert len(lines) == 2 and "--strict" in lines[0] and "unsupported_producer" in lines[0]
 
 
@@ -116,7 +116,7 @@ def test_quiet_verification_failure_names_the_output(tmp_path, monkeypatch):
     result = invoke("fold", model, "-o", tmp_path / "o.onnx", "-q")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert lines[-1] == "FAILED"
+    assert lines[-1] == "FAILED (verification failed)"
     assert "verification failed: logits" in lines[0] and "max abs error" in lines[0]
 
 
@@ -227,7 +227,7 @@ def test_no_batchnorm_says_why_and_does_not_verify_a_copy(tmp_path, monkeypatch)
     assert lines[0] == f"bnfold: {model}"  # the header every run prints
     text = " ".join(result.output.split())
     assert "both torch.onnx exporters fold Conv+BN" in text
-    assert "Verification skipped: no BatchNormalization was found" in text
+    assert "Verification not needed: no BatchNormalization was found" in text
     assert lines[-1] == "PASSED" and (tmp_path / "out.onnx").exists()
 
 
@@ -241,15 +241,19 @@ def test_verification_row_shows_what_the_pass_rule_compares(tmp_path):
         line for line in result.output.splitlines() if "output" in line and "dtype" in line
     )
     cells = [c.strip() for c in re.split(r"[┃│|]", header) if c.strip()]
-    assert cells == ["output", "dtype", "max abs", "atol needed", "atol", "rtol", "result"]
+    assert cells == ["output", "dtype", "max abs", "noise floor", "allowed", "margin", "result"]
     row = next(
         line for line in result.output.splitlines() if line.startswith(("│ logits", "| logits"))
     )
     values = [c.strip() for c in re.split(r"[┃│|]", row) if c.strip()]
     report = json.loads(invoke("fold", model, "-o", tmp_path / "p.onnx", "--json", "-").stdout)
     entry = report["verification"]["outputs"][0]
-    assert float(values[3]) == pytest.approx(entry["min_atol_to_pass"], rel=1e-2, abs=1e-12)
-    assert float(values[3]) <= float(values[4]) and values[6] == "pass"
+    # The row shows the quantities the pass rule compares: error <= allowed, margin >= 1, pass.
+    error, allowed = float(values[2]), float(values[4].lstrip("≤ "))
+    assert error == pytest.approx(entry["max_abs_error"], rel=1e-2, abs=1e-12)
+    assert allowed == pytest.approx(entry["threshold"], rel=1e-2)
+    assert error <= allowed and values[6] == "pass"
+    assert values[5] == "exact" or float(values[5].rstrip("x")) >= 1
 
 
 def test_bench_note_speaks_of_conv_bn_fusion_only_for_conv_bn_models(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from deep_models import corner_tap_pair
-from hanging_models import endless_loop
+from hanging_models import endless_loop, endless_loop_with_bn
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -271,7 +271,7 @@ def test_a_calibrated_failure_row_contradicts_nothing(tmp_path):
 
 
 def test_fold_of_a_hanging_model_is_unverified_after_its_time_budget(tmp_path):
-    path = save(endless_loop(), tmp_path)
+    path = save(endless_loop_with_bn(), tmp_path)
     out = tmp_path / "out.onnx"
     result = runner.invoke(app, ["fold", str(path), "-o", str(out), "--verify-timeout", "1"])
     assert result.exit_code == 4, result.output
@@ -289,7 +289,7 @@ def test_verify_and_bench_of_a_hanging_model_end_with_exit_4(tmp_path):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_fold_verification_exits_cleanly(tmp_path, sig, code):
-    path = save(endless_loop(), tmp_path)
+    path = save(endless_loop_with_bn(), tmp_path)
     out = tmp_path / "out.onnx"
     env = {**os.environ, "BNFOLD_VERIFY_TIMEOUT": "0"}  # no budget: only the signal ends it
     child = subprocess.Popen(

@@ -375,3 +375,14 @@ VerifyTimeoutOpt = Annotated[
         "limit). Past it ONNX Runtime is stopped and the result is unverified (exit 4).",
     ),
 ]
+
+BenchTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--verify-timeout",
+        min=0.0,
+        metavar="SECONDS",
+        help="Time budget of each model's first, checked run before the timing starts (default: "
+        "$BNFOLD_VERIFY_TIMEOUT, else 600; 0: no limit); past it ONNX Runtime is stopped.",
+    ),
+]

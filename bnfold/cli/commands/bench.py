@@ -19,6 +19,7 @@ from bnfold.cli.options import (
     BatchSizeOpt,
     BenchInputShapeOpt,
     BenchSeedOpt,
+    BenchTimeoutOpt,
     JsonOpt,
     LevelsOpt,
     MarkdownOpt,
@@ -27,7 +28,6 @@ from bnfold.cli.options import (
     RunsOpt,
     SecondsOpt,
     ThreadsOpt,
-    VerifyTimeoutOpt,
     WarmupOpt,
 )
 
@@ -50,7 +50,7 @@ def bench(
     input_shape: BenchInputShapeOpt = None,
     provider: ProviderOpt = "cpu",
     seed: BenchSeedOpt = 0,
-    verify_timeout: VerifyTimeoutOpt = None,
+    verify_timeout: BenchTimeoutOpt = None,
     json_out: JsonOpt = None,
     markdown: MarkdownOpt = None,
     plot_file: PlotOpt = None,
