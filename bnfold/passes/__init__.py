@@ -24,6 +24,7 @@ rewires. Where to find what:
 - ``shape_vectors``  Reshape shapes computed from ``Shape`` (a dynamic batch), evaluated symbolically
 - ``lowering``       a kept inference BN rewritten as Mul + Add
 - ``rewiring``       graph surgery: new constants, bypass, copies, dead values, names
+- ``sharing``        the fold's bit-identical small constants become one initializer
 - ``common``         dtype tables, attribute readers, labels
 """
 

@@ -46,6 +46,8 @@ class FoldContext:
     dead_candidates: list[ir.Value | None] = field(default_factory=list)
     #: (new constant, the value it replaced), to give folded weights their old names back.
     replaced: list[tuple[ir.Value, ir.Value]] = field(default_factory=list)
+    #: Initializers the folds created in the main graph (candidates for :mod:`.sharing`).
+    created: list[ir.Value] = field(default_factory=list)
     #: How to take back each step of a backward fold in progress, should it be refused midway.
     undo: list[Callable[[], None]] = field(default_factory=list)
     inferred: Inferred | None = None

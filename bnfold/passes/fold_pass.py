@@ -25,6 +25,7 @@ from .decomposed import try_decomposed
 from .forward import fold_forward
 from .lowering import lower
 from .rewiring import remove_dead, restore_names
+from .sharing import share_identical
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class BatchNormFoldPass(ir.passes.InPlacePass):
         ctx.opset = ctx.model_opset
         remove_dead(ctx)
         restore_names(ctx)
+        share_identical(ctx)
         self.decisions = list(ctx.decisions)
         return FoldPassResult(model, modified=ctx.modified, decisions=ctx.decisions)
 

@@ -31,8 +31,10 @@ def const_input(ctx: FoldContext, tensor: ir.TensorProtocol, user: ir.Node) -> i
             const_value=tensor,
         )
         graph.register_initializer(value)
-        if graph is ctx.main and ctx.ir_version < 4:
-            graph.inputs.append(value)
+        if graph is ctx.main:
+            ctx.created.append(value)
+            if ctx.ir_version < 4:
+                graph.inputs.append(value)
         return value
     value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
     node = ir.Node(

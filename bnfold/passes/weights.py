@@ -94,6 +94,11 @@ class FoldedTensor(ir.LazyTensor):
         self._blocks = blocks
         self._overflow_key = overflow_key
 
+    @property
+    def range_deferred(self) -> bool:
+        """Whether this weight's range is checked only as it is written (see :func:`lazy_fold`)."""
+        return self._overflow_key is not None
+
     @contextlib.contextmanager
     def _overflow_deferred(self) -> Iterator[None]:
         """An overflow of a weight whose range check was deferred becomes :class:`DeferredOverflow`."""
