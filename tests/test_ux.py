@@ -520,3 +520,11 @@ def test_quiet_check_and_verify_name_what_failed(tmp_path):
     assert verified.exit_code == 1
     lines = verified.output.strip().splitlines()
     assert lines[-1] == "FAILED" and len(lines) == 2 and "verification failed" in lines[0]
+
+
+def test_a_dry_run_says_so_in_its_repr():
+    """bnfold.inspect verifies and writes nothing: its report is a dry run, not a failure."""
+    import bnfold
+
+    report = bnfold.inspect(str(SAMPLES / "cnn2d.onnx"))
+    assert repr(report).startswith("FoldReport: DRY RUN, 2/2 folded, not verified")

@@ -42,8 +42,14 @@ def verification(v: Any) -> str:
 def fold_report(report: Any) -> str:
     """``PASSED, 2/2 folded, max abs err 1.2e-07`` (plus kept BNs, unverified, not written)."""
     n, folded = len(report.decisions), len(report.folded)
-    parts = ["PASSED" if report.passed else "FAILED", f"{folded}/{n} folded"]
     v = report.verification
+    if v is None and not report.output:
+        word = "DRY RUN"  # bnfold.inspect / fold_model: nothing verified, nothing written
+    else:
+        word = {"passed": "PASSED", "failed": "FAILED"}.get(report.status, "UNVERIFIED")
+        if word == "UNVERIFIED" and report.written:
+            word = "WRITTEN UNVERIFIED"
+    parts = [word, f"{folded}/{n} folded"]
     if v is None:
         parts.append("not verified")
     elif v.skipped_reason:
