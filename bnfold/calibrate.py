@@ -363,6 +363,245 @@ def _run_all(
         gc.collect()
 
 
+class _Early(Exception):
+    """A phase ends the check early: ``fields`` are the :class:`CalibratedResult` it ends with."""
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(fields.get("unverified_reason") or fields.get("message"))
+        self.fields = fields
+
+
+def _check_arguments(
+    samples: Any,
+    factor: Any,
+    atol: float | None,
+    rtol: float | None,
+    output_tolerances: Mapping[str, tuple[float, float]] | None,
+) -> tuple[float | None, float | None, dict[str, tuple[float, float]]]:
+    """Validate the arguments; return ``atol``, ``rtol`` and the per-output tolerances, checked."""
+    from bnfold.compare import check_tolerance
+
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise UsageError(f"samples must be an integer >= 1, got {samples!r}")
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
+        raise UsageError(f"calibration factor must be a finite number >= 1, got {factor!r}")
+    atol = None if atol is None else check_tolerance(atol, "atol")
+    rtol = None if rtol is None else check_tolerance(rtol, "rtol")
+    per_output = {
+        name: (check_tolerance(a, f"atol of {name!r}"), check_tolerance(r, f"rtol of {name!r}"))
+        for name, (a, r) in (output_tolerances or {}).items()
+    }
+    return atol, rtol, per_output
+
+
+def _input_batches(
+    session: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]] | None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None,
+    seed: int,
+    samples: int,
+) -> list[dict[str, np.ndarray]]:
+    """The input batches: ``feeds`` as given, else ``samples`` generated ones (seed ``seed + k``)."""
+    from bnfold.compare import make_inputs
+
+    if feeds is not None:
+        batches = [dict(b) for b in feeds]
+        if not batches:
+            raise UsageError("no input data given")
+        return batches
+    return [
+        make_inputs(session.get_inputs(), input_shapes=input_shapes, seed=seed + k)
+        for k in range(int(samples))
+    ]
+
+
+def _shapes_of(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, list[int]]:
+    return {name: [int(d) for d in np.shape(v)] for name, v in batches[0].items()}
+
+
+def _run_reference(
+    ref_source: str | bytes,
+    per_output: Mapping[str, tuple[float, float]],
+    feeds: Sequence[Mapping[str, np.ndarray]] | None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None,
+    seed: int,
+    samples: int,
+) -> tuple[list[tuple[str, Any]], list[dict[str, np.ndarray]], list[list[np.ndarray]]]:
+    """Run the reference with ORT's optimizations disabled on the input batches.
+
+    Returns the reference's ``(name, ORT type)`` outputs, the batches and its results. Raises
+    :class:`_Early` (unverified) when ORT cannot load or run it, UsageError for a tolerance given
+    for a name that is not an output.
+    """
+    try:
+        session = _ort.make_session(ref_source, level="disable")
+    except InvalidModelError as error:
+        raise _Early(
+            unverified_reason=f"ONNX Runtime cannot run the reference model: "
+            f"{_ort.error_reason(error)}"
+        ) from error
+    outputs = [(o.name, o.type) for o in session.get_outputs()]
+    unknown = [n for n in per_output if n not in {name for name, _ in outputs}]
+    if unknown:
+        raise UsageError(
+            f"tolerance given for {', '.join(map(repr, unknown))}, which is not an output of the "
+            f"model; its outputs are: {', '.join(repr(n) for n, _ in outputs)}"
+        )
+    batches = _input_batches(session, feeds, input_shapes, seed, samples)
+    try:
+        try:
+            references = [_ort.run(session, b) for b in batches]
+        finally:
+            del session
+            gc.collect()
+    except _ort.OrtRunError as error:
+        raise _Early(
+            input_shapes=_shapes_of(batches),
+            samples=len(batches),
+            unverified_reason=f"ONNX Runtime cannot run the reference model: "
+            f"{_ort.error_reason(error)}",
+        ) from error
+    return outputs, batches, references
+
+
+def _noise_runs(
+    ref_source: str | bytes, batches: Sequence[Mapping[str, np.ndarray]], seed: int
+) -> dict[str, list[list[np.ndarray]]]:
+    """The noise: the reference at ORT's basic level, and with its parameters nudged by one ulp.
+
+    A run ORT cannot make is left out (logged), not an error.
+    """
+    noise_runs: dict[str, list[list[np.ndarray]]] = {}
+    try:
+        noise_runs["ort_basic"] = _run_all(ref_source, "basic", batches)
+    except (InvalidModelError, _ort.OrtRunError) as error:
+        logger.info("no ORT-basic noise run: %s", _ort.error_reason(error))
+    try:
+        perturbed = _perturbed_source(ref_source, seed)
+        if perturbed is not None:
+            noise_runs["weight_ulp"] = _run_all(perturbed, "disable", batches)
+    except (InvalidModelError, _ort.OrtRunError) as error:
+        logger.info("no perturbed noise run: %s", _ort.error_reason(error))
+    return noise_runs
+
+
+def _run_candidate(
+    cand_source: str | bytes, batches: Sequence[Mapping[str, np.ndarray]]
+) -> list[list[np.ndarray]]:
+    """Run the candidate with ORT's optimizations disabled; :class:`_Early` (failed) if it cannot."""
+    try:
+        return _run_all(cand_source, "disable", batches)
+    except (InvalidModelError, _ort.OrtRunError) as error:
+        raise _Early(
+            message=f"ONNX Runtime cannot run the candidate model: {_ort.error_reason(error)}"
+        ) from error
+
+
+@dataclass(frozen=True)
+class _Judging:
+    """What every output is judged with: the runs, the user's tolerances and the factor."""
+
+    references: list[list[np.ndarray]]
+    candidates: list[list[np.ndarray]]
+    noise_runs: dict[str, list[list[np.ndarray]]]
+    per_output: Mapping[str, tuple[float, float]]
+    atol: float | None
+    rtol: float | None
+    factor: float
+
+    def tolerance(self, name: str, dtype: np.dtype) -> tuple[float, float] | None:
+        """The user's (atol, rtol) for output ``name``, or None when it is to be calibrated."""
+        from bnfold.compare import default_tolerances
+
+        tolerance: tuple[float, float] | None = self.per_output.get(name)
+        if tolerance is None and (self.atol is not None or self.rtol is not None):
+            d_atol, d_rtol = default_tolerances(dtype)
+            tolerance = (
+                d_atol if self.atol is None else self.atol,
+                d_rtol if self.rtol is None else self.rtol,
+            )
+        return tolerance
+
+
+def _measure(
+    judging: _Judging, index: int, tolerance: tuple[float, float] | None, is_float: bool
+) -> _Stats:
+    """Error, scale, noise and tolerance failures of output ``index``, over all samples."""
+    stats = _Stats()
+    for k, ref_outs in enumerate(judging.references):
+        ref, cand = ref_outs[index], judging.candidates[k][index]
+        if np.shape(ref) != np.shape(cand):
+            stats.message = f"shape {list(np.shape(cand))}, expected {list(np.shape(ref))}"
+            continue
+        diff, mismatch = _Stats._max_diff(ref, cand)
+        stats.error = max(stats.error, diff)
+        stats.mismatch += mismatch
+        finite = np.asarray(ref).astype(np.float64)
+        finite = finite[np.isfinite(finite)]
+        if finite.size:
+            stats.scale = max(stats.scale, float(np.max(np.abs(finite))))
+        for source, runs in judging.noise_runs.items():
+            if np.shape(runs[k][index]) == np.shape(ref):
+                n, _ = _Stats._max_diff(ref, runs[k][index])
+                stats.noise[source] = max(stats.noise.get(source, 0.0), n)
+        if tolerance is not None and is_float:
+            stats.tolerance_failures += _judge_tolerance(ref, cand, *tolerance)
+    return stats
+
+
+def _judge_output(judging: _Judging, index: int, name: str, type_: Any) -> CalibratedOutput:
+    """Judge one output: exactly (integer/bool), by the user's tolerance, or against the noise."""
+    try:
+        dtype = _ort.ort_type_to_numpy(type_)
+    except ValueError as error:
+        raise _Early(unverified_reason=f"cannot compare output {name!r} of type {type_}") from error
+    is_float = (
+        dtype.kind == "f" or dtype in (np.dtype(ml_dtypes.bfloat16),) or ("float" in str(dtype))
+    )
+    tolerance = judging.tolerance(name, dtype)
+    stats = _measure(judging, index, tolerance, is_float)
+    noise = max(stats.noise.values(), default=0.0)
+    sources = dict(stats.noise)
+    if not is_float:
+        mode, threshold = "exact", 0.0
+        passed = stats.error == 0 and stats.mismatch == 0
+    elif tolerance is not None:
+        mode = "tolerance"
+        threshold = tolerance[0] + tolerance[1] * stats.scale
+        passed = stats.tolerance_failures == 0
+    else:
+        mode = "calibrated"
+        floor = FLOOR_ULPS * _unit_roundoff(dtype) * stats.scale
+        sources["dtype_floor"] = floor
+        threshold = judging.factor * noise + floor
+        passed = stats.error <= threshold and stats.mismatch == 0
+    if stats.message is not None:
+        passed = False
+    logger.debug(
+        "output %r: %s, error %.3g, noise %.3g, threshold %.3g",
+        name,
+        "passed" if passed else "FAILED",
+        stats.error,
+        noise,
+        threshold,
+    )
+    return CalibratedOutput(
+        name=name,
+        mode=mode,
+        passed=passed,
+        error=stats.error,
+        noise=noise,
+        threshold=threshold,
+        scale=stats.scale,
+        margin=math.inf if stats.error == 0 else threshold / stats.error,
+        noise_sources=sources,
+        atol=None if tolerance is None else tolerance[0],
+        rtol=None if tolerance is None else tolerance[1],
+        nan_or_inf_mismatch=stats.mismatch,
+        message=stats.message,
+    )
+
+
 def verify_calibrated(
     reference: Any,
     candidate: Any,
@@ -384,19 +623,8 @@ def verify_calibrated(
     and ``output_tolerances`` combine with calibration. Never raises for a model ORT cannot run: the
     result is then unverified (reference) or failed with ``message`` (candidate).
     """
-    from bnfold.compare import check_tolerance, default_tolerances, make_inputs
-
     started = time.perf_counter()
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
-        raise UsageError(f"samples must be an integer >= 1, got {samples!r}")
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
-        raise UsageError(f"calibration factor must be a finite number >= 1, got {factor!r}")
-    atol = None if atol is None else check_tolerance(atol, "atol")
-    rtol = None if rtol is None else check_tolerance(rtol, "rtol")
-    per_output = {
-        name: (check_tolerance(a, f"atol of {name!r}"), check_tolerance(r, f"rtol of {name!r}"))
-        for name, (a, r) in (output_tolerances or {}).items()
-    }
+    atol, rtol, per_output = _check_arguments(samples, factor, atol, rtol, output_tolerances)
     ref_source = _model_source(reference)
     cand_source = _model_source(candidate)
 
@@ -405,144 +633,22 @@ def verify_calibrated(
         return CalibratedResult(seed=seed, seconds=time.perf_counter() - started, **kwargs)
 
     try:
-        session = _ort.make_session(ref_source, level="disable")
-    except InvalidModelError as error:
-        return done(
-            unverified_reason=f"ONNX Runtime cannot run the reference model: "
-            f"{_ort.error_reason(error)}"
+        outputs, batches, references = _run_reference(
+            ref_source, per_output, feeds, input_shapes, seed, samples
         )
-    outputs = [(o.name, o.type) for o in session.get_outputs()]
-    unknown = [n for n in per_output if n not in {name for name, _ in outputs}]
-    if unknown:
-        raise UsageError(
-            f"tolerance given for {', '.join(map(repr, unknown))}, which is not an output of the "
-            f"model; its outputs are: {', '.join(repr(n) for n, _ in outputs)}"
-        )
-    if feeds is not None:
-        batches = [dict(b) for b in feeds]
-        if not batches:
-            raise UsageError("no input data given")
-    else:
-        batches = [
-            make_inputs(session.get_inputs(), input_shapes=input_shapes, seed=seed + k)
-            for k in range(int(samples))
+    except _Early as early:
+        return done(**early.fields)
+    shapes = _shapes_of(batches)
+    try:
+        noise_runs = _noise_runs(ref_source, batches, seed)
+        candidates = _run_candidate(cand_source, batches)
+        judging = _Judging(references, candidates, noise_runs, per_output, atol, rtol, factor)
+        results = [
+            _judge_output(judging, index, name, type_)
+            for index, (name, type_) in enumerate(outputs)
         ]
-    shapes = {name: [int(d) for d in np.shape(v)] for name, v in batches[0].items()}
-    try:
-        try:
-            references = [_ort.run(session, b) for b in batches]
-        finally:
-            del session
-            gc.collect()
-    except _ort.OrtRunError as error:
-        return done(
-            input_shapes=shapes,
-            samples=len(batches),
-            unverified_reason=f"ONNX Runtime cannot run the reference model: "
-            f"{_ort.error_reason(error)}",
-        )
-
-    # the noise: the same reference at ORT's basic level, and with parameters nudged by one ulp
-    noise_runs: dict[str, list[list[np.ndarray]]] = {}
-    try:
-        noise_runs["ort_basic"] = _run_all(ref_source, "basic", batches)
-    except (InvalidModelError, _ort.OrtRunError) as error:
-        logger.info("no ORT-basic noise run: %s", _ort.error_reason(error))
-    try:
-        perturbed = _perturbed_source(ref_source, seed)
-        if perturbed is not None:
-            noise_runs["weight_ulp"] = _run_all(perturbed, "disable", batches)
-    except (InvalidModelError, _ort.OrtRunError) as error:
-        logger.info("no perturbed noise run: %s", _ort.error_reason(error))
-
-    try:
-        candidates = _run_all(cand_source, "disable", batches)
-    except (InvalidModelError, _ort.OrtRunError) as error:
-        return done(
-            input_shapes=shapes,
-            samples=len(batches),
-            message=f"ONNX Runtime cannot run the candidate model: {_ort.error_reason(error)}",
-        )
-
-    results = []
-    for index, (name, type_) in enumerate(outputs):
-        try:
-            dtype = _ort.ort_type_to_numpy(type_)
-        except ValueError:
-            return done(
-                input_shapes=shapes,
-                samples=len(batches),
-                unverified_reason=f"cannot compare output {name!r} of type {type_}",
-            )
-        is_float = (
-            dtype.kind == "f" or dtype in (np.dtype(ml_dtypes.bfloat16),) or ("float" in str(dtype))
-        )
-        stats = _Stats()
-        tolerance: tuple[float, float] | None = per_output.get(name)
-        if tolerance is None and (atol is not None or rtol is not None):
-            d_atol, d_rtol = default_tolerances(dtype)
-            tolerance = (d_atol if atol is None else atol, d_rtol if rtol is None else rtol)
-        for k, ref_outs in enumerate(references):
-            ref, cand = ref_outs[index], candidates[k][index]
-            if np.shape(ref) != np.shape(cand):
-                stats.message = f"shape {list(np.shape(cand))}, expected {list(np.shape(ref))}"
-                continue
-            diff, mismatch = _Stats._max_diff(ref, cand)
-            stats.error = max(stats.error, diff)
-            stats.mismatch += mismatch
-            finite = np.asarray(ref).astype(np.float64)
-            finite = finite[np.isfinite(finite)]
-            if finite.size:
-                stats.scale = max(stats.scale, float(np.max(np.abs(finite))))
-            for source, runs in noise_runs.items():
-                if np.shape(runs[k][index]) == np.shape(ref):
-                    n, _ = _Stats._max_diff(ref, runs[k][index])
-                    stats.noise[source] = max(stats.noise.get(source, 0.0), n)
-            if tolerance is not None and is_float:
-                stats.tolerance_failures += _judge_tolerance(ref, cand, *tolerance)
-        noise = max(stats.noise.values(), default=0.0)
-        sources = dict(stats.noise)
-        if not is_float:
-            mode, threshold = "exact", 0.0
-            passed = stats.error == 0 and stats.mismatch == 0
-        elif tolerance is not None:
-            mode = "tolerance"
-            threshold = tolerance[0] + tolerance[1] * stats.scale
-            passed = stats.tolerance_failures == 0
-        else:
-            mode = "calibrated"
-            floor = FLOOR_ULPS * _unit_roundoff(dtype) * stats.scale
-            sources["dtype_floor"] = floor
-            threshold = factor * noise + floor
-            passed = stats.error <= threshold and stats.mismatch == 0
-        if stats.message is not None:
-            passed = False
-        margin = math.inf if stats.error == 0 else threshold / stats.error
-        results.append(
-            CalibratedOutput(
-                name=name,
-                mode=mode,
-                passed=passed,
-                error=stats.error,
-                noise=noise,
-                threshold=threshold,
-                scale=stats.scale,
-                margin=margin,
-                noise_sources=sources,
-                atol=None if tolerance is None else tolerance[0],
-                rtol=None if tolerance is None else tolerance[1],
-                nan_or_inf_mismatch=stats.mismatch,
-                message=stats.message,
-            )
-        )
-        logger.debug(
-            "output %r: %s, error %.3g, noise %.3g, threshold %.3g",
-            name,
-            "passed" if passed else "FAILED",
-            stats.error,
-            noise,
-            threshold,
-        )
+    except _Early as early:
+        return done(input_shapes=shapes, samples=len(batches), **early.fields)
     return done(
         passed=all(r.passed for r in results),
         outputs=tuple(results),

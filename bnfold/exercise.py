@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -147,112 +147,177 @@ def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _infer(node: ir.Node, shapes: list[Shape]) -> list[Shape]:  # noqa: C901 - one op per branch
-    op = node.op_type
+def _infer_conv(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Conv: check the channels against the weight; the spatial sizes come from the window."""
     x = shapes[0] if shapes else None
+    w_shape = shapes[1] if len(shapes) > 1 else None
+    if x is None or w_shape is None or len(x) < 3:
+        return unknown
+    kernel = _ints(node, "kernel_shape") or list(w_shape[2:])
+    if x[1] != w_shape[1] * _int(node, "group", 1):
+        raise _Violation("Conv channels do not match its weight")
+    return [(x[0], w_shape[0], *_conv_out(node, x, kernel, True))]
+
+
+def _infer_conv_transpose(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """ConvTranspose: check the channels, the output length and that no kernel tap is cropped."""
+    x = shapes[0] if shapes else None
+    w_shape = shapes[1] if len(shapes) > 1 else None
+    if x is None or w_shape is None or len(x) < 3:
+        return unknown
+    kernel = _ints(node, "kernel_shape") or list(w_shape[2:])
+    group = _int(node, "group", 1)
+    if x[1] != w_shape[0]:
+        raise _Violation("ConvTranspose channels do not match its weight")
+    out_shape = _ints(node, "output_shape")
+    padding = _ints(node, "output_padding", [0] * len(kernel)) or [0] * len(kernel)
+    spatial = []
+    for i, (size, k, s, d, pb, pe) in enumerate(_window(node, x[2:], kernel, transpose=True)):
+        length = s * (size - 1) + padding[i] + d * (k - 1) + 1 - pb - pe
+        if out_shape:
+            length = out_shape[-len(kernel) + i]
+        if length < 1:
+            raise _Violation("ConvTranspose output is empty")
+        for j in range(k):
+            if not any(0 <= i_ * s + j * d - pb < length for i_ in range(size)):
+                raise _Violation(f"ConvTranspose kernel tap {j} is cropped away")
+        spatial.append(length)
+    return [(x[0], w_shape[1] * group, *spatial)]
+
+
+def _infer_pool(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """MaxPool/AveragePool/LpPool: the window shrinks the spatial sizes; extra outputs unknown."""
+    x = shapes[0] if shapes else None
+    if x is None or len(x) < 3:
+        return unknown
+    kernel = _ints(node, "kernel_shape") or []
+    return [(*x[:2], *_conv_out(node, x, kernel, False))] + [None] * (len(node.outputs) - 1)
+
+
+def _infer_global_pool(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Global pools: every spatial size becomes 1."""
+    x = shapes[0] if shapes else None
+    return [None if x is None else (*x[:2], *([1] * (len(x) - 2)))]
+
+
+def _infer_same(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Element-wise unary ops: the output has the input's shape (so has Dropout's mask)."""
+    x = shapes[0] if shapes else None
+    return [x] + [x if node.op_type == "Dropout" else None for _ in node.outputs[1:]]
+
+
+def _infer_broadcast(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Broadcasting element-wise ops: numpy broadcasting of all the inputs."""
+    if any(s is None for s in shapes) or not shapes:
+        return unknown
+    out = shapes[0]
+    for s in shapes[1:]:
+        out = _broadcast(out, s)
+    return [out]
+
+
+def _infer_flatten(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Flatten: two dimensions, split at ``axis``."""
+    x = shapes[0] if shapes else None
+    if x is None:
+        return unknown
+    axis = _int(node, "axis", 1)
+    axis = axis + len(x) if axis < 0 else axis
+    return [(int(np.prod(x[:axis])), int(np.prod(x[axis:])))]
+
+
+def _infer_reshape(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Reshape to a constant target: resolve 0 and -1, and keep the element count."""
+    x = shapes[0] if shapes else None
+    target = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if x is None or target is None:
+        return unknown
+    dims = [int(v) for v in target.reshape(-1)]
+    dims = [x[i] if d == 0 and i < len(x) else d for i, d in enumerate(dims)]
+    total = int(np.prod(x))
+    if -1 in dims:
+        rest = int(np.prod([d for d in dims if d != -1]))
+        if rest == 0 or total % rest:
+            raise _Violation("Reshape does not divide evenly")
+        dims[dims.index(-1)] = total // rest
+    elif int(np.prod(dims)) != total:
+        raise _Violation("Reshape changes the element count")
+    return [tuple(dims)]
+
+
+def _infer_gemm(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Gemm: the (optionally transposed) inner dimensions must agree."""
+    a, b = shapes[0] if shapes else None, shapes[1] if len(shapes) > 1 else None
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return unknown
+    if _int(node, "transA", 0):
+        a = a[::-1]
+    if _int(node, "transB", 0):
+        b = b[::-1]
+    if a[1] != b[0]:
+        raise _Violation(f"Gemm needs {b[0]} inputs, gets {a[1]}")
+    return [(a[0], b[1])]
+
+
+def _infer_matmul(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """MatMul: the inner dimensions must agree; the output is known for a 2-D right operand."""
+    a, b = shapes[0] if shapes else None, shapes[1] if len(shapes) > 1 else None
+    if a is None or b is None or len(b) < 2 or len(a) < 1:
+        return unknown
+    if a[-1] != b[-2]:
+        raise _Violation(f"MatMul needs {b[-2]} inputs, gets {a[-1]}")
+    return [(*a[:-1], b[-1])] if len(b) == 2 else unknown
+
+
+def _infer_concat(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Concat: all dimensions but ``axis`` must agree; ``axis`` sums."""
+    if any(s is None for s in shapes):
+        return unknown
+    axis = _int(node, "axis", 0)
+    axis = axis + len(shapes[0]) if axis < 0 else axis
+    out = list(shapes[0])
+    for s in shapes[1:]:
+        if len(s) != len(out) or any(s[i] != out[i] for i in range(len(out)) if i != axis):
+            raise _Violation("Concat inputs disagree")
+        out[axis] += s[axis]
+    return [tuple(out)]
+
+
+def _infer_transpose(node: ir.Node, shapes: list[Shape], unknown: list[Shape]) -> list[Shape]:
+    """Transpose: permute by ``perm`` (reverse when absent)."""
+    x = shapes[0] if shapes else None
+    if x is None:
+        return unknown
+    perm = _ints(node, "perm") or list(range(len(x)))[::-1]
+    return [tuple(x[p] for p in perm)]
+
+
+_Infer = Callable[[ir.Node, list[Shape], list[Shape]], list[Shape]]
+
+#: shape inference per default-domain op; an op not listed has unknown output shapes
+_INFER: dict[str, _Infer] = {
+    "Conv": _infer_conv,
+    "ConvTranspose": _infer_conv_transpose,
+    **dict.fromkeys(_POOLS, _infer_pool),
+    **dict.fromkeys(_GLOBAL_POOLS, _infer_global_pool),
+    **dict.fromkeys(_SHAPE_PRESERVING, _infer_same),
+    **dict.fromkeys(_BROADCASTING, _infer_broadcast),
+    "Flatten": _infer_flatten,
+    "Reshape": _infer_reshape,
+    "Gemm": _infer_gemm,
+    "MatMul": _infer_matmul,
+    "Concat": _infer_concat,
+    "Transpose": _infer_transpose,
+}
+
+
+def _infer(node: ir.Node, shapes: list[Shape]) -> list[Shape]:
+    """Output shapes of ``node`` from its input shapes (None: unknown); _Violation if impossible."""
     unknown: list[Shape] = [None] * len(node.outputs)
     if node.domain not in ("", "ai.onnx"):
         return unknown
-    if op in ("Conv", "ConvTranspose"):
-        w = node.inputs[1] if len(node.inputs) > 1 else None
-        w_shape = shapes[1] if len(shapes) > 1 else None
-        if x is None or w_shape is None or len(x) < 3:
-            return unknown
-        kernel = _ints(node, "kernel_shape") or list(w_shape[2:])
-        group = _int(node, "group", 1)
-        if op == "Conv":
-            if x[1] != w_shape[1] * group:
-                raise _Violation("Conv channels do not match its weight")
-            return [(x[0], w_shape[0], *_conv_out(node, x, kernel, True))]
-        if x[1] != w_shape[0]:
-            raise _Violation("ConvTranspose channels do not match its weight")
-        del w
-        out_shape = _ints(node, "output_shape")
-        padding = _ints(node, "output_padding", [0] * len(kernel)) or [0] * len(kernel)
-        spatial = []
-        for i, (size, k, s, d, pb, pe) in enumerate(_window(node, x[2:], kernel, transpose=True)):
-            length = s * (size - 1) + padding[i] + d * (k - 1) + 1 - pb - pe
-            if out_shape:
-                length = out_shape[-len(kernel) + i]
-            if length < 1:
-                raise _Violation("ConvTranspose output is empty")
-            for j in range(k):
-                if not any(0 <= i_ * s + j * d - pb < length for i_ in range(size)):
-                    raise _Violation(f"ConvTranspose kernel tap {j} is cropped away")
-            spatial.append(length)
-        return [(x[0], w_shape[1] * group, *spatial)]
-    if op in _POOLS:
-        if x is None or len(x) < 3:
-            return unknown
-        kernel = _ints(node, "kernel_shape") or []
-        return [(*x[:2], *_conv_out(node, x, kernel, False))] + [None] * (len(node.outputs) - 1)
-    if op in _GLOBAL_POOLS:
-        return [None if x is None else (*x[:2], *([1] * (len(x) - 2)))]
-    if op in _SHAPE_PRESERVING:
-        return [x] + [x if op == "Dropout" else None for _ in node.outputs[1:]]
-    if op in _BROADCASTING:
-        if any(s is None for s in shapes) or not shapes:
-            return unknown
-        out = shapes[0]
-        for s in shapes[1:]:
-            out = _broadcast(out, s)
-        return [out]
-    if op == "Flatten":
-        if x is None:
-            return unknown
-        axis = _int(node, "axis", 1)
-        axis = axis + len(x) if axis < 0 else axis
-        return [(int(np.prod(x[:axis])), int(np.prod(x[axis:])))]
-    if op == "Reshape":
-        target = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if x is None or target is None:
-            return unknown
-        dims = [int(v) for v in target.reshape(-1)]
-        dims = [x[i] if d == 0 and i < len(x) else d for i, d in enumerate(dims)]
-        total = int(np.prod(x))
-        if -1 in dims:
-            rest = int(np.prod([d for d in dims if d != -1]))
-            if rest == 0 or total % rest:
-                raise _Violation("Reshape does not divide evenly")
-            dims[dims.index(-1)] = total // rest
-        elif int(np.prod(dims)) != total:
-            raise _Violation("Reshape changes the element count")
-        return [tuple(dims)]
-    if op == "Gemm":
-        a, b = x, shapes[1] if len(shapes) > 1 else None
-        if a is None or b is None or len(a) != 2 or len(b) != 2:
-            return unknown
-        if _int(node, "transA", 0):
-            a = a[::-1]
-        if _int(node, "transB", 0):
-            b = b[::-1]
-        if a[1] != b[0]:
-            raise _Violation(f"Gemm needs {b[0]} inputs, gets {a[1]}")
-        return [(a[0], b[1])]
-    if op == "MatMul":
-        a, b = x, shapes[1] if len(shapes) > 1 else None
-        if a is None or b is None or len(b) < 2 or len(a) < 1:
-            return unknown
-        if a[-1] != b[-2]:
-            raise _Violation(f"MatMul needs {b[-2]} inputs, gets {a[-1]}")
-        return [(*a[:-1], b[-1])] if len(b) == 2 else unknown
-    if op == "Concat":
-        if any(s is None for s in shapes):
-            return unknown
-        axis = _int(node, "axis", 0)
-        axis = axis + len(shapes[0]) if axis < 0 else axis
-        out = list(shapes[0])
-        for s in shapes[1:]:
-            if len(s) != len(out) or any(s[i] != out[i] for i in range(len(out)) if i != axis):
-                raise _Violation("Concat inputs disagree")
-            out[axis] += s[axis]
-        return [tuple(out)]
-    if op == "Transpose":
-        if x is None:
-            return unknown
-        perm = _ints(node, "perm") or list(range(len(x)))[::-1]
-        return [tuple(x[p] for p in perm)]
-    return unknown
+    handler = _INFER.get(node.op_type)
+    return unknown if handler is None else handler(node, shapes, unknown)
 
 
 def _walk(model: ir.Model, feeds: Mapping[str, tuple[int, ...]]) -> None:
