@@ -17,7 +17,7 @@ so importing a submodule never shadows a public function.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
