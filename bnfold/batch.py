@@ -328,13 +328,16 @@ def _run_on(
 @contextlib.contextmanager
 def dask_executor(address: str, *, timeout: float = 30.0) -> Iterator[tuple[Executor, int]]:
     """``(executor, workers)`` for a Dask distributed scheduler at ``address`` (``tcp://host:port``)
-    while the block runs; the client is closed after it. Needs the optional ``bnfold[dask]``
-    extra. Refuses (:class:`UsageError`, exit 2) when Dask is missing or the scheduler cannot be
+    while the block runs; the client is closed after it. Needs ``distributed`` (the optional ``dask``
+    extra). Refuses (:class:`UsageError`, exit 2) when Dask is missing or the scheduler cannot be
     reached within ``timeout`` seconds."""
     try:
         from distributed import Client
     except ImportError:
-        raise UsageError("--scheduler needs Dask distributed: pip install 'bnfold[dask]'") from None
+        raise UsageError(
+            "--scheduler needs Dask distributed: pip install distributed "
+            "(or, in a bnfold checkout, pip install '.[dask]')"
+        ) from None
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:

@@ -178,7 +178,7 @@ SchedulerOpt = Annotated[
         envvar="BNFOLD_SCHEDULER",
         metavar="ADDRESS",
         help="Fold several models on a Dask distributed cluster: the scheduler's address, e.g. "
-        "tcp://host:8786 (needs bnfold[dask]). Inputs and outputs must be paths every worker can "
+        "tcp://host:8786 (needs distributed: the dask extra). Inputs and outputs must be paths every worker can "
         "reach.",
         show_default=False,
     ),
