@@ -39,7 +39,7 @@ from .common import AFFINE_OPS, PRODUCERS, STD, node_label
 from .constants import weight
 from .context import FoldContext
 from .decomposed import affine_operand, chain_kind, chain_label, compose, next_step
-from .forward import plan_forward
+from .forward import check_cost, plan_forward
 from .forward_targets import NoTarget, Plan, Vec
 from .layout import axis_before, is_layout
 from .rewiring import remove_nodes, take_over_output
@@ -335,6 +335,8 @@ def _fold_forward(
     plan_forward(ctx, y, vec, chain.nodes[0].graph, plans, [])
     if not plans:
         raise NoTarget("its output feeds no node to fold into")
+    if not ctx.allow_slower_folds:  # the same cost rule as for BatchNormalization nodes
+        check_cost(ctx, chain.x, plans)
     name = chain.label
     details = [plan.apply() for plan in plans]
     _remove_chain(ctx, chain.nodes, chain.x)

@@ -60,7 +60,7 @@ def fold_forward(
     plans: list[Plan] = []
     plan_forward(ctx, y, vec, bn.graph, plans, [])
     if not ctx.allow_slower_folds:
-        _check_cost(ctx, x, plans)
+        check_cost(ctx, x, plans)
     details = [plan.apply() for plan in plans]
     y.replace_all_uses_with(x)
     remove_nodes(ctx, [bn], keep=x)
@@ -84,7 +84,7 @@ def fold_forward(
 MAX_ADDED_FRACTION = 0.0
 
 
-def _check_cost(ctx: FoldContext, x: ir.Value, plans: list[Plan]) -> None:
+def check_cost(ctx: FoldContext, x: ir.Value, plans: list[Plan]) -> None:
     """Refuse (``slower_fold``) a fold whose correction Adds cost more than the BN it removes."""
     added = sum(p.added_elements for p in plans)
     if added == 0:
